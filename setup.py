@@ -1,0 +1,31 @@
+"""Packaging for megatron_csd: Concrete Score Distillation on Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_csd",
+    version="0.1.0",
+    description="Tensor-parallel LLM distillation (Concrete Score Distillation and baselines) on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_csd", "megatron_csd.*"]),
+    # Install torch first (`pip install torch==2.13.0` on CPU machines) so that pip does not
+    # resolve a multi-GB CUDA build; any torch >= 2.4 satisfies this range.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "sentencepiece",
+        "safetensors",
+        "pyyaml",
+        "psutil",  # dist_checkpointing's filesystem writer needs it
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40", "tokenizers"],
+        "hf": ["transformers>=4.40", "tokenizers"],
+        # Transformer Engine is GPU-only; never install it on a CPU machine (see README).
+        "gpu": ["transformer-engine[pytorch]"],
+        "tensorboard": ["tensorboard"],
+    },
+    package_data={"megatron_csd": ["py.typed"]},
+)
