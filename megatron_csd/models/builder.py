@@ -176,13 +176,16 @@ def build_gpt_model(cfg: ModelConfig, *, pre_process: bool = True, post_process:
                     params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                     fp8_recipe: str = "delayed", use_te: Optional[bool] = None,
                     parallel_output: bool = True, sequence_parallel: bool = False,
-                    perform_initialization: bool = True):
+                    perform_initialization: bool = True,
+                    use_cpu_initialization: Optional[bool] = None):
     """A Megatron-Core GPTModel for this rank's TP/PP slice of `cfg`.
 
     `pre_process`/`post_process`: whether this pipeline stage holds the embedding / the final
     norm and output layer (pass `parallel_state.is_pipeline_first_stage()` / `..._last_stage()`).
     `fp8` ("e4m3" | "hybrid"): run the transformer layers in FP8 (teacher); needs CUDA and
     transformer-engine, else ValueError. `use_te`: None = TE spec when available on a GPU.
+    `use_cpu_initialization`: None = only without CUDA; True also lets a
+    `torch.device("meta")` context build an empty model (the converter does).
     Logits come out `[b, s, padded_vocab / TP]` with `parallel_output=True`.
     """
     from megatron.core import parallel_state
@@ -198,7 +201,8 @@ def build_gpt_model(cfg: ModelConfig, *, pre_process: bool = True, post_process:
     transformer_config = to_transformer_config(
         cfg, tp_size=tp_size, pp_size=pp_size, params_dtype=params_dtype, fp8=fp8,
         fp8_recipe=fp8_recipe, sequence_parallel=sequence_parallel,
-        perform_initialization=perform_initialization)
+        perform_initialization=perform_initialization,
+        use_cpu_initialization=use_cpu_initialization)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=layer_block_spec(transformer_config, use_te=use_te),
@@ -214,6 +218,7 @@ def build_gpt_model(cfg: ModelConfig, *, pre_process: bool = True, post_process:
     )
     if pre_process and cfg.embedding_scale is not None:
         scale_embedding_output(model.embedding, cfg.embedding_scale)
+    model.csd_model_config = cfg  # read by models.checkpoint.load_model
     return model
 
 

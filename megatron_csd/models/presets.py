@@ -37,9 +37,10 @@ _PRESETS: dict[str, dict] = {
     "openllama-7b": dict(family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
                          num_attention_heads=32, vocab_size=32000, max_position_embeddings=2048,
                          norm_epsilon=1e-6, rope_theta=10000.0, tie_embeddings=False),
-    # Tiny models for tests and the CPU example (vocab 300 pads to 1024).
+    # Tiny models for tests and the CPU example (vocab 300 pads to 1024). Head dims are powers
+    # of 4 so the softmax scale 1/sqrt(d) is exact (as for the real models' 256 / 64 / 128).
     "tiny-gemma": dict(family="gemma", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                       num_attention_heads=4, num_query_groups=1, kv_channels=32,
+                       num_attention_heads=4, num_query_groups=1, kv_channels=16,
                        vocab_size=300, max_position_embeddings=128, norm_epsilon=1e-6,
                        rope_theta=10000.0, tie_embeddings=True),
     "tiny-gemma-mha": dict(family="gemma", num_layers=2, hidden_size=64, ffn_hidden_size=128,

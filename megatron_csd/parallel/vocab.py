@@ -43,3 +43,20 @@ def vocab_shard_range(padded_vocab: int, tp_rank: int, tp_size: int) -> tuple[in
             f"{tp_size}; pad it with padded_vocab_size(vocab, multiple=...) to a multiple of TP")
     per_rank = padded_vocab // tp_size
     return tp_rank * per_rank, (tp_rank + 1) * per_rank
+
+
+def mask_padded_vocab_logits(vocab_parallel_logits, vocab_size: int, *, tp_rank: int, tp_size: int):
+    """Copy of `[..., V_local]` logits with the padded columns (global id >= vocab_size) at -inf.
+
+    Padded rows of the embedding / output layer are zero, so their logits are 0, not -inf; any
+    softmax over the padded vocabulary (cross-entropy included) must mask them first or it
+    disagrees with the unpadded model. No communication.
+    """
+    import torch
+
+    local = vocab_parallel_logits.shape[-1]
+    start, end = vocab_shard_range(local * tp_size, tp_rank, tp_size)
+    if vocab_size >= end:
+        return vocab_parallel_logits
+    column_ids = torch.arange(start, end, device=vocab_parallel_logits.device)
+    return vocab_parallel_logits.masked_fill(column_ids >= vocab_size, float("-inf"))

@@ -1,0 +1,159 @@
+"""Model-only checkpoints: `DIR/model_config.json` + `DIR/model/` (Megatron dist_checkpointing).
+
+The `model/` folder is a `torch_dist` dist_checkpointing checkpoint of `model.sharded_state_dict()`.
+It stores global (unsharded) tensors, so a checkpoint written at one TP/PP layout loads at any
+other: each rank reads just the slices of the global tensors its shard covers. The converter
+(`megatron_csd.conversion`) writes the same layout without building a model, and the trainer's
+own checkpoints embed it, so one loader serves teachers, students and exports.
+
+Vocabulary re-padding: when the model was built with a different `padded_vocab_size` than the
+checkpoint (teacher and student must share one padded size at run time), the embedding and
+untied output layer are read whole on every rank and the rank's rows of the new padded layout
+are copied out of them (rows past the saved padding are zero).
+
+Writers and loaders are collective: every rank of the job calls them. A script that saves must
+be guarded by `if __name__ == "__main__":` (the filesystem writer starts spawn processes that
+re-import the main module; unguarded, the save hangs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from megatron_csd.models.config import ModelConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+MODEL_SUBDIR = "model"
+CONFIG_ATTRIBUTE = "csd_model_config"  # set on GPTModels by build_gpt_model
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Fields that may differ between a checkpoint and the model that loads it.
+_RUNTIME_FIELDS = ("hidden_dropout", "attention_dropout", "init_method_std", "padded_vocab_size")
+
+PathLike = Union[str, os.PathLike]
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers (a single model chunk)."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError(f"expected one model chunk (no virtual pipeline), got {len(model)}")
+        model = model[0]
+    while not hasattr(model, CONFIG_ATTRIBUTE) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def write_model_config(directory: PathLike, cfg: ModelConfig) -> None:
+    """Write `model_config.json` atomically (temp file + rename)."""
+    path = Path(directory) / MODEL_CONFIG_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_model_config(directory: PathLike) -> ModelConfig:
+    """The ModelConfig stored with a checkpoint (ValueError if the folder is not one)."""
+    path = Path(directory) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a megatron_csd model checkpoint: {MODEL_CONFIG_FILE} "
+                         "is missing (convert HF checkpoints with tools/convert_hf_to_megatron.py)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    return ModelConfig.from_dict(data)
+
+
+def model_checkpoint_dir(directory: PathLike) -> Path:
+    """The dist_checkpointing folder of a model checkpoint, checked to be complete."""
+    path = Path(directory) / MODEL_SUBDIR
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"{directory} has no complete model checkpoint ({MODEL_SUBDIR}/metadata.json "
+                         "missing): the save did not finish or this is not a checkpoint folder")
+    return path
+
+
+def save_model(model, directory: PathLike, cfg: ModelConfig) -> None:
+    """Save `model` (all ranks call) to `directory` as model_config.json + model/.
+
+    `directory/model` must not exist yet or be empty. metadata.json is written last by
+    dist_checkpointing, so an interrupted save is recognisable (see `model_checkpoint_dir`).
+    """
+    from megatron.core import dist_checkpointing
+
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    model = _unwrap(model)
+    path = Path(directory) / MODEL_SUBDIR
+    if _rank() == 0:
+        if path.exists() and any(path.iterdir()):
+            raise ValueError(f"{path} already holds files; save to a new directory")
+        path.mkdir(parents=True, exist_ok=True)
+        write_model_config(directory, cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def check_loadable(saved: ModelConfig, wanted: ModelConfig) -> None:
+    """ValueError naming every architecture field on which the checkpoint and model differ."""
+    diffs = [f"{name}: checkpoint {value!r} vs model {getattr(wanted, name)!r}"
+             for name, value in saved.to_dict().items()
+             if name not in _RUNTIME_FIELDS and getattr(wanted, name) != value]
+    if diffs:
+        raise ValueError("checkpoint and model architectures differ (" + "; ".join(diffs) + ")")
+
+
+def load_model(model, directory: PathLike) -> ModelConfig:
+    """Load a model checkpoint into `model` at this run's TP/PP layout (all ranks call).
+
+    `model` is a GPTModel built by `build_gpt_model` (optionally wrapped). Returns the saved
+    ModelConfig. Raises ValueError when the architectures differ.
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    inner = _unwrap(model)
+    saved = load_model_config(directory)
+    wanted = getattr(inner, CONFIG_ATTRIBUTE, None)
+    if wanted is None:
+        raise ValueError("load_model needs a model built by megatron_csd.models.build_gpt_model")
+    check_loadable(saved, wanted)
+    path = model_checkpoint_dir(directory)
+    sharded = inner.sharded_state_dict()
+    repad = {}
+    if saved.padded_vocab_size != wanted.padded_vocab_size:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        for key in _VOCAB_KEYS:
+            if key in sharded and isinstance(sharded[key], ShardedTensor):
+                local = sharded[key].data
+                full = torch.empty(saved.padded_vocab_size, local.shape[1], dtype=local.dtype)
+                repad[key] = local
+                sharded[key] = ShardedTensor.from_rank_offsets(
+                    sharded[key].key, full, replica_id=(0, tp_rank, dp_rank))
+    try:
+        state = dist_checkpointing.load(sharded, str(path))
+    except Exception as err:  # dist_checkpointing reports mismatches deep inside torch DCP
+        raise ValueError(f"could not load the model checkpoint {path}: {err}") from err
+    for key, local in repad.items():
+        full = state[key]
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        rows = local.shape[0]
+        start = tp_rank * rows
+        new = torch.zeros_like(local)
+        available = max(0, min(rows, full.shape[0] - start))
+        new[:available] = full[start:start + available]
+        state[key] = new
+    inner.load_state_dict(state)
+    return saved
