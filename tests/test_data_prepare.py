@@ -10,7 +10,7 @@ import torch
 from megatron_csd.data.dataset import InstructionDataset, collate
 from megatron_csd.data.prepare import prepare_dataset, token_dtype_for
 from megatron_csd.data.records import FieldMap, read_records
-from megatron_csd.data.samples import build_training_sample, tokenize_records
+from megatron_csd.data.samples import build_training_sample, encode_prompt, tokenize_records
 from megatron_csd.data.tokenizer import load_tokenizer
 from megatron_csd.data.tokenizer_training import train_sentencepiece
 from megatron_csd.data.toy import generate_records
@@ -65,6 +65,11 @@ def test_prepared_dataset_equals_direct_tokenization(corpus, tmp_path, template)
             for key in ("tokens", "labels", "loss_mask", "position_ids"):
                 assert torch.equal(got[key], expected[i][key]), (split, i, key)
         assert sum(float(s["loss_mask"].sum()) for s in expected) == result.splits[split]["num_loss_tokens"]
+    records = list(read_records(corpus["valid"]))
+    prompt, response = dataset.prompt_and_response(4)
+    suffix = "<end_of_turn>" if template == "gemma-chat" else ""
+    assert tok.decode(response.tolist()) == records[4].response + suffix and response[-1] == tok.eos_id
+    assert prompt.tolist() == encode_prompt(records[4], template, tok, max_prompt_length=48)
     batch = collate([dataset[0], dataset[1], dataset[2]])
     assert batch["tokens"].shape == (3, 64) and batch["loss_mask"].dtype == torch.float32
     assert np.load(tmp_path / "train" / "tokens.npy").dtype == np.uint16

@@ -1,6 +1,7 @@
 """Toy instruction data and tokenizer of the embedded default."""
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -29,8 +30,11 @@ def test_toy_files_are_valid_and_splits_disjoint(toy):
     train_prompts = {(r.instruction, r.context) for r in train}
     assert len(train_prompts) == 4000
     assert not train_prompts & {(r.instruction, r.context) for r in valid}
-    categories = {row["category"] for row in _rows(toy / "train.jsonl")}
-    assert len(categories) == 10
+    train_counts = Counter(row["category"] for row in _rows(toy / "train.jsonl"))
+    valid_counts = Counter(row["category"] for row in _rows(toy / "valid.jsonl"))
+    assert set(train_counts) == set(valid_counts) and len(train_counts) == 10  # every task held out
+    for category, count in valid_counts.items():  # stratified: ~1/11 of each task
+        assert abs(count / (count + train_counts[category]) - 400 / 4400) < 0.02, category
 
 
 def _check_answer(row):

@@ -97,6 +97,13 @@ class InstructionDataset(torch.utils.data.Dataset):
     def prompt_length(self, index: int) -> int:
         return int(self._prompt_lengths[index])
 
+    def prompt_and_response(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt ids incl. bos, response ids incl. eos unless truncated) of sample `index`,
+        e.g. to generate from the prompt and score against the reference response."""
+        ids = self.sample_ids(index)
+        split = int(self._prompt_lengths[index])
+        return ids[:split], ids[split:]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = int(index)
         ids = self.sample_ids(index)

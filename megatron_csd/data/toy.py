@@ -5,8 +5,9 @@
 The data is generated deterministically from a seed: short instructions from a dozen task
 families with regular, learnable answers (word-list reversal and sorting, counting, repetition,
 small additions, successor numbers, capitals and opposites from fixed tables, reading a fact
-from a `context`). Records are deduplicated on (instruction, context) before the split, so the
-validation set holds unseen prompts (new word lists, new sums, new phrasings of known facts).
+from a `context`). Records are deduplicated on (instruction, context) before a split stratified
+by task, so the validation set holds unseen prompts of every task (new word lists, new sums, new
+phrasings of known facts).
 Responses are short full sentences whose frame is predictable from the prompt, so a tiny model
 learns a large part of them within a minute or two, and the rest needs the rule or the fact.
 
@@ -151,6 +152,27 @@ def generate_records(num_records: int, seed: int) -> list[dict]:
     return records
 
 
+def stratified_split(records: list[dict], num_valid: int) -> tuple[list[dict], list[dict]]:
+    """(train, valid) with each category's share of `valid` proportional to its size.
+
+    Record j of a category with n records gets the key (j + 0.5) / n; the `num_valid` smallest
+    keys (ties by position) go to validation, so small categories (the fact tables) are held out
+    too. Both parts keep the generation order.
+    """
+    position_in_category: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["category"]] = counts.get(record["category"], 0) + 1
+    keys = []
+    for index, record in enumerate(records):
+        j = position_in_category.get(record["category"], 0)
+        position_in_category[record["category"]] = j + 1
+        keys.append(((j + 0.5) / counts[record["category"]], index))
+    valid_indices = {index for _, index in sorted(keys)[:num_valid]}
+    return ([r for i, r in enumerate(records) if i not in valid_indices],
+            [r for i, r in enumerate(records) if i in valid_indices])
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
@@ -164,8 +186,7 @@ def build_toy_data(out_dir, *, num_train: int = 4000, num_valid: int = 400, seed
         raise ValueError(f"need at least one train and one valid record, got {num_train}/{num_valid}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = generate_records(num_train + num_valid, seed)
-    train, valid = records[:num_train], records[num_train:]
+    train, valid = stratified_split(generate_records(num_train + num_valid, seed), num_valid)
     paths = {"train": out_dir / "train.jsonl", "valid": out_dir / "valid.jsonl",
              "tokenizer": out_dir / "tokenizer.model"}
     _write_jsonl(paths["train"], train)
