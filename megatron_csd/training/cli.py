@@ -1,0 +1,37 @@
+"""Command-line entry point: ``torchrun ... -m megatron_csd.training.cli [--config X.yaml] [flags]``.
+
+Bad configuration exits with status 2 and a one-line message (no stack trace); the resolved
+config, metrics and checkpoints land under ``--output-dir`` / ``--save``.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    from megatron_csd.training.config_io import parse_config
+
+    try:
+        config = parse_config(argv)
+    except (ValueError, TypeError) as err:
+        print(f"megatron_csd: configuration error: {err}", file=sys.stderr)
+        return 2
+    from megatron_csd.training.trainer import run_training
+
+    try:
+        run_training(config)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        # Start-up checks (layout, vocab, tokenizer, data) raise these with a message that
+        # says what to change; a stack trace would only hide it.
+        print(f"megatron_csd: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # guard needed: dist_checkpointing's async writer spawns processes
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""forward_step / loss_func for Megatron's ``get_forward_backward_func()`` schedules.
+
+Per microbatch, on the last pipeline stage (vocab-parallel logits ``[b, s, V_pad / TP]``):
+
+    kd[t] = distillation_loss(student[t], teacher[t])         (megatron_csd.losses, fp32)
+    ce[t] = -log softmax(student[t])[label[t]]                 (Megatron's vocab_parallel_cross_entropy
+                                                                 on an fp32 COPY with padded columns
+                                                                 at -inf; it overwrites its input)
+    loss[t] = kd_ratio * kd[t] + (1 - kd_ratio) * ce[t]        (distill)  |  ce[t]  (sft)
+    loss_sum = sum_t mask[t] * loss[t],   num_tokens = sum_t mask[t]
+
+``mask`` is 1 on response targets only (prompt and padding are 0). The function returns the
+3-tuple ``(loss_sum, num_tokens, {metric: [sum, count]})``. The model's TransformerConfig has
+``calculate_per_token_loss=True``, so the schedule does NOT divide by the microbatch count;
+Megatron DDP sums gradients over DP (no 1/DP pre-scaling), and ``finalize_model_grads``
+broadcasts the last stage's total token count over PP, all-reduces it over DP and scales the
+gradients by ``1 / num_tokens``: the gradient is that of the global per-token mean over every
+microbatch and DP rank, whatever the layout. Masked positions are selected out with
+``torch.where`` (not multiplied), so a microbatch without response tokens contributes exactly 0
+loss and 0 gradient, never NaN.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the loss function needs besides the tensors (fixed for the run)."""
+
+    distill: bool
+    loss_config: object          # megatron_csd.losses.LossConfig (distill only)
+    kd_ratio: float              # weight of the distillation term (1.0 = pure distillation)
+    vocab_size: int              # real vocabulary: columns >= vocab_size are padding
+    padded_vocab_size: int
+    tp_group: object
+    tp_rank: int
+    tp_size: int
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+
+
+def response_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor,
+                           spec: ObjectiveSpec) -> torch.Tensor:
+    """Per-token CE over the REAL vocabulary with vocab-parallel logits; input left untouched."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = student_logits.to(torch.float32, copy=True)  # Megatron's CE overwrites its input
+    local = spec.padded_vocab_size // spec.tp_size
+    first_padded = spec.vocab_size - spec.tp_rank * local  # local index of the first padded column
+    if first_padded < local:
+        logits[..., max(first_padded, 0):] = float("-inf")
+    # Megatron's CE wants [s, b] targets with [s, b, V] logits; any layout with matching
+    # leading dims works since it only flattens them.
+    return vocab_parallel_cross_entropy(logits, labels)
+
+
+def loss_func(batch: dict, teacher_logits: Optional[torch.Tensor], spec: ObjectiveSpec,
+              student_logits: torch.Tensor):
+    """The schedule's 3-tuple ``(loss_sum, num_tokens, {name: tensor([sum, count])})``."""
+    mask = batch["loss_mask"] > 0
+    labels = torch.where(mask, batch["labels"], torch.zeros_like(batch["labels"]))
+    num_tokens = mask.sum().to(torch.int)
+    count = num_tokens.to(torch.float32)
+    metrics = {}
+    if spec.distill:
+        from megatron_csd.losses import distillation_loss
+
+        kd = distillation_loss(student_logits, teacher_logits, spec.loss_config,
+                               tp_group=spec.tp_group if spec.tp_size > 1 else None,
+                               vocab_size=spec.vocab_size)
+        if spec.kd_ratio < 1.0:
+            ce = response_cross_entropy(student_logits, labels, spec)
+            per_token = spec.kd_ratio * kd + (1.0 - spec.kd_ratio) * ce
+        else:
+            with torch.no_grad():  # logged only
+                ce = response_cross_entropy(student_logits.detach(), labels, spec)
+            per_token = kd
+        metrics["kd"] = torch.stack([_masked_sum(kd.detach(), mask), count])
+    else:
+        ce = response_cross_entropy(student_logits, labels, spec)
+        per_token = ce
+    metrics["ce"] = torch.stack([_masked_sum(ce.detach(), mask), count])
+    loss_sum = _masked_sum(per_token, mask)
+    metrics["loss"] = torch.stack([loss_sum.detach(), count])
+    return loss_sum, num_tokens, metrics
+
+
+def make_forward_step(spec: ObjectiveSpec):
+    """``forward_step_func(data_iterator, model)`` for the schedule.
+
+    Every stage draws the microbatch (so all ranks stay in step); the first stage feeds
+    tokens/positions, the last stage's loss uses labels and mask. The causal mask is built by
+    the attention layer (``attention_mask=None``).
+    """
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        if isinstance(output, tuple):  # last stage: (student_logits, teacher_logits)
+            student_logits, teacher_logits = output
+        else:
+            student_logits, teacher_logits = output, None
+        return student_logits, functools.partial(loss_func, batch, teacher_logits, spec)
+
+    return forward_step

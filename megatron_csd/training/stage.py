@@ -1,0 +1,94 @@
+"""One pipeline stage of the trained model: the student's layers, plus the frozen teacher's.
+
+Teacher and student are split over the same pipeline stages (the pattern of ModelOpt /
+Megatron-Bridge). Between stages the two hidden states travel as ONE p2p tensor,
+``[s, b, h_student + h_teacher]`` (concatenated on the hidden dim, ``pipeline_dtype``):
+
+- ``set_input_tensor`` (called by the schedule with the received tensor) splits it again; the
+  teacher half is detached, so the gradient sent back upstream is ``[grad_student | 0]``;
+- ``forward`` runs the teacher under ``no_grad`` then the student; a middle stage returns the
+  concatenation, the last stage returns ``(student_logits, teacher_logits)`` (both
+  ``[b, s, V_padded / TP]``, vocab-parallel) for the loss function.
+
+The teacher is held outside the module tree (``_frozen`` list), so ``parameters()``,
+``state_dict()``, Megatron DDP and the optimizer see the student only; the teacher has no
+gradient buffers and no optimizer state. Megatron's schedule and ``finalize_model_grads``
+reach the student through ``.module`` (``get_attr_wrapped_model``). In SFT mode the teacher is
+absent and the stage is a thin pass-through.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+
+class DistillationStage(torch.nn.Module):
+    """Student GPTModel (``self.module``) with an optional frozen teacher on the same stage."""
+
+    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module], *,
+                 student_hidden: int, teacher_hidden: int, post_process: bool, timed: bool = False):
+        super().__init__()
+        self.module = student  # the name Megatron's get_attr_wrapped_model unwraps through
+        self._frozen = [teacher] if teacher is not None else []
+        self.student_hidden = student_hidden
+        self.teacher_hidden = teacher_hidden if teacher is not None else 0
+        self.post_process = post_process
+        self.timed = timed
+        self.teacher_forward_seconds = 0.0
+        if teacher is not None:
+            if any(p.requires_grad for p in teacher.parameters()):
+                raise ValueError("the teacher must be frozen (freeze_teacher) before it joins a stage")
+            teacher.eval()
+
+    @property
+    def teacher(self) -> Optional[torch.nn.Module]:
+        return self._frozen[0] if self._frozen else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # dropout etc. stay off in the teacher, always
+        return self
+
+    def set_input_tensor(self, input_tensor) -> None:
+        tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+        if self.teacher is None or tensor is None:
+            self.module.set_input_tensor(tensor)
+            if self.teacher is not None:
+                self.teacher.set_input_tensor(None)
+            return
+        if tensor.shape[-1] != self.student_hidden + self.teacher_hidden:
+            raise RuntimeError(f"received hidden width {tensor.shape[-1]}, expected student "
+                               f"{self.student_hidden} + teacher {self.teacher_hidden}")
+        student_in, teacher_in = torch.split(tensor, [self.student_hidden, self.teacher_hidden], dim=-1)
+        self.module.set_input_tensor(student_in)
+        self.teacher.set_input_tensor(teacher_in.detach())
+
+    def forward(self, input_ids, position_ids, attention_mask=None):
+        if self.teacher is None:
+            return self.module(input_ids, position_ids, attention_mask)
+        start = time.perf_counter() if self.timed else 0.0
+        with torch.no_grad():
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        if self.timed:
+            if teacher_out.is_cuda:
+                torch.cuda.synchronize()
+            self.teacher_forward_seconds += time.perf_counter() - start
+        student_out = self.module(input_ids, position_ids, attention_mask)
+        if self.post_process:
+            return student_out, teacher_out
+        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+
+    def sharded_state_dict(self, *args, **kwargs):
+        return self.module.sharded_state_dict(*args, **kwargs)
+
+
+def widen_p2p_shapes(extra_hidden: int):
+    """``adjust_tensor_shapes_fn`` for the 1F1B schedule: p2p tensors carry both hidden states."""
+    def adjust(recv_shapes, send_shapes):
+        def widen(shapes):
+            return [tuple(shape[:-1]) + (shape[-1] + extra_hidden,) for shape in shapes]
+        return widen(recv_shapes), widen(send_shapes)
+    return adjust
