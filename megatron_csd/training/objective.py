@@ -62,8 +62,12 @@ def response_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor,
 
 
 def loss_func(batch: dict, teacher_logits: Optional[torch.Tensor], spec: ObjectiveSpec,
-              student_logits: torch.Tensor):
-    """The schedule's 3-tuple ``(loss_sum, num_tokens, {name: tensor([sum, count])})``."""
+              evaluating: bool, student_logits: torch.Tensor):
+    """The schedule's 3-tuple ``(loss_sum, num_tokens, {name: tensor([sum, count])})``.
+
+    Metrics: ``loss`` (the optimised per-token loss), ``ce`` (student response CE), ``kd``
+    (distillation term, distill mode), ``teacher_ce`` (teacher response CE, evaluation only).
+    """
     mask = batch["loss_mask"] > 0
     labels = torch.where(mask, batch["labels"], torch.zeros_like(batch["labels"]))
     num_tokens = mask.sum().to(torch.int)
@@ -87,12 +91,26 @@ def loss_func(batch: dict, teacher_logits: Optional[torch.Tensor], spec: Objecti
         ce = response_cross_entropy(student_logits, labels, spec)
         per_token = ce
     metrics["ce"] = torch.stack([_masked_sum(ce.detach(), mask), count])
+    if evaluating and spec.distill:
+        with torch.no_grad():
+            teacher_ce = response_cross_entropy(teacher_logits, labels, spec)
+        metrics["teacher_ce"] = torch.stack([_masked_sum(teacher_ce, mask), count])
     loss_sum = _masked_sum(per_token, mask)
     metrics["loss"] = torch.stack([loss_sum.detach(), count])
     return loss_sum, num_tokens, metrics
 
 
-def make_forward_step(spec: ObjectiveSpec):
+def metric_names(spec: ObjectiveSpec, evaluating: bool) -> list[str]:
+    """The keys of loss_func's metrics dict, in a fixed order (same on every rank)."""
+    names = ["loss", "ce"]
+    if spec.distill:
+        names.append("kd")
+        if evaluating:
+            names.append("teacher_ce")
+    return names
+
+
+def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
     """``forward_step_func(data_iterator, model)`` for the schedule.
 
     Every stage draws the microbatch (so all ranks stay in step); the first stage feeds
@@ -107,6 +125,6 @@ def make_forward_step(spec: ObjectiveSpec):
             student_logits, teacher_logits = output
         else:
             student_logits, teacher_logits = output, None
-        return student_logits, functools.partial(loss_func, batch, teacher_logits, spec)
+        return student_logits, functools.partial(loss_func, batch, teacher_logits, spec, evaluating)
 
     return forward_step

@@ -117,7 +117,6 @@ class Trainer:
             kd_ratio=config.loss.kd_ratio, vocab_size=self.plan.vocab_size,
             padded_vocab_size=self.plan.student.padded_vocab_size,
             tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-        self.metric_names = ["loss", "ce", "kd"] if config.distill else ["loss", "ce"]
         tokens_per_rank = config.training.micro_batch_size * self.dp_size
         self.num_microbatches = config.training.global_batch_size // tokens_per_rank
         self.save_dir = config.checkpoint.save or os.path.join(config.logging.output_dir, "checkpoints")
@@ -157,17 +156,19 @@ class Trainer:
         if self.ctx.pp_size > 1 and self.stage.teacher is not None:
             kwargs["adjust_tensor_shapes_fn"] = widen_p2p_shapes(self.stage.teacher_hidden)
         return get_forward_backward_func()(
-            forward_step_func=make_forward_step(self.spec), data_iterator=data_iterator,
+            forward_step_func=make_forward_step(self.spec, evaluating=forward_only),
+            data_iterator=data_iterator,
             model=[self.ddp], num_microbatches=num_microbatches,
             seq_length=self.config.training.seq_length,
             micro_batch_size=self.config.training.micro_batch_size,
             forward_only=forward_only, **kwargs)
 
-    def _reduce(self, outputs) -> dict:
+    def _reduce(self, outputs, *, evaluating: bool) -> dict:
         from megatron_csd.training.metrics import reduce_loss_stats
+        from megatron_csd.training.objective import metric_names
 
         contributes = self.ctx.is_last_stage and self.ctx.tp_rank == 0
-        return reduce_loss_stats(outputs, self.metric_names, contributes=contributes,
+        return reduce_loss_stats(outputs, metric_names(self.spec, evaluating), contributes=contributes,
                                  device=self.ctx.device)
 
     def train_step(self) -> dict:
@@ -182,7 +183,7 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        stats = self._reduce(outputs)
+        stats = self._reduce(outputs, evaluating=False)
         self.iteration += 1
         tokens = self.config.training.global_batch_size * self.config.training.seq_length
         record = {"iteration": self.iteration, "loss": stats["loss"], "ce": stats["ce"]}
@@ -211,9 +212,9 @@ class Trainer:
         with torch.no_grad():
             outputs = self._forward_backward(iterator, count, forward_only=True)
         self.ddp.train()
-        stats = self._reduce(outputs)
-        record = {"iteration": self.iteration, "split": "valid", **{k: stats[k] for k in self.metric_names},
-                  "response_tokens": int(stats["tokens"])}
+        stats = self._reduce(outputs, evaluating=True)
+        record = {"iteration": self.iteration, "split": "valid", **stats}
+        record["response_tokens"] = int(record.pop("tokens"))
         return record
 
     def save(self) -> str:
@@ -230,7 +231,20 @@ class Trainer:
         parts = [f"[valid] iter {record['iteration']:>5}", f"response CE {record['ce']:.4f}"]
         if "kd" in record:
             parts.append(f"distill ({self.config.loss.objective}) {record['kd']:.4f}")
+            parts.append(f"teacher CE {record['teacher_ce']:.4f}")
         return "  ".join(parts)
+
+    def _summary(self, validation: list) -> None:
+        if len(validation) < 2:
+            return
+        first, last = validation[0], validation[-1]
+        self.writer.print(f"[megatron_csd] held-out response CE (student): {first['ce']:.4f} "
+                          f"(iter {first['iteration']}) -> {last['ce']:.4f} (iter {last['iteration']})")
+        if "kd" in last:
+            loss = self.config.loss
+            name = f"csd {loss.weights}" if loss.objective == "csd" else loss.objective
+            self.writer.print(f"[megatron_csd] held-out distillation loss ({name}): {first['kd']:.4f} -> "
+                              f"{last['kd']:.4f};  teacher's held-out response CE {last['teacher_ce']:.4f}")
 
     def _console_train(self, record: dict) -> str:
         parts = [f"iter {record['iteration']:>5}/{self.config.training.train_iters}",
@@ -270,6 +284,7 @@ class Trainer:
             if interval and self.iteration % interval == 0:
                 last_saved = self.save()
         self._validate(result)
+        self._summary(result.validation)
         final_name = f"iter_{self.iteration:07d}"
         if config.checkpoint.save_final and (last_saved is None or not last_saved.endswith(final_name)):
             last_saved = self.save()
