@@ -4,39 +4,47 @@ Math (csd-math.md). Per token, with logit gap d[x] = zs[x] - zt[x] over the real
 vocabulary and constant (detached) normalised weight factors w1, w2 in {S, T, U, M}:
 
     L = scale / 2 * sum_{y,x} w1[y] w2[x] (d[x] - d[y])^2
-      = scale / 2 * (v1 + v2 + (m1 - m2)^2),   m_a = sum_x a[x] d[x],  v_a = sum_x a[x] d[x]^2 - m_a^2
+      = scale / 2 * (v1 + v2 + (m1 - m2)^2),   m_a = sum_x a[x] d[x],  v_a = sum_x a[x] (d[x] - m_a)^2
     dL/dzs[k] = scale * (w1[k] (d[k] - m2) + w2[k] (d[k] - m1))
 
 S = softmax(zs / tau), T = softmax(zt / tau), U = uniform over the real unmasked vocabulary,
 M = mix * T + (1 - mix) * S. Per *base* weight b in {S, T, U} (M is derived from S and T) only
-the normaliser, mean and variance of the gap are needed. Each rank computes, over its shard,
-Z_r = sum e_b, S_r = sum e_b d and the centred C_r = sum e_b (d - S_r / Z_r)^2 (e_b unnormalised);
-the shards are combined exactly with the parallel-variance rule (Chan et al.), so no
-E[d^2] - E[d]^2 cancellation happens anywhere.
+the normaliser, mean and variance of the gap are needed.
+
+One streaming pass per rank (row chunks that stay in cache). Each chunk is shifted by its rows'
+*local* maxima, z - max_local z, which is exact near the maximum (Sterbenz) where the softmax
+weight sits; the local gap is d_loc = (zs - max_loc zs) - (zt - max_loc zt). Per base and row the
+rank keeps Z_r = sum e_b, S_r = sum e_b d_loc and the centred C_r = sum e_b (d_loc - S_r / Z_r)^2
+(e_b unnormalised, e_S = exp((zs - max_loc zs) / tau)). After the MAX all-reduce gives the global
+maxima, the moments move to the global frame exactly: e_b scales by exp((max_loc - max) / tau) <= 1
+and the gap shifts by a per-row constant (which the centred C_r does not see). The shards are then
+combined with the parallel-variance rule (Chan et al.), so no E[d^2] - E[d]^2 cancellation happens.
 
 Collectives (tensor-parallel group, whatever the weight pair):
-  1. one MAX all-reduce of the stacked per-token maxima [max zs, max zt] ([tokens, 2] fp32);
-  2. one SUM all-reduce of the per-rank moments [TP, tokens, 3 * num_bases] fp32 (each rank fills
-     its own slot, so the sum gathers every shard's moments: 3 * TP scalars per token and base);
-  backward: none. The gradient is elementwise once m1, m2 and Z_b are known; it is recomputed
-  chunk by chunk from the saved inputs, so no [tokens, V] tensor is kept between passes.
+  1. one MAX all-reduce of the stacked per-token maxima [max zs, max zt] ([tokens, 2]);
+  2. one SUM all-reduce of the per-rank moments [TP, tokens, 3 * num_bases] (each rank fills its
+     own slot, so the sum gathers every shard's moments: 3 * TP scalars per token and base);
+  backward: none; the gradient is elementwise once m1, m2 and Z_b are known.
 
-Numerics: all statistics in fp32 (bf16/fp16 inputs are upcast chunk by chunk). The gap is shifted
-per token by the maxima that the softmax weights need anyway, d' = (zs - max zs) - (zt - max zt),
-which leaves L and its gradient unchanged (shift invariance) and keeps the gap small when the two
-models' logits sit at very different offsets; variances are computed centred (see above).
+Memory and speed: for pairs with a softmax factor the forward writes that factor's unnormalised
+weights into one fp32 [tokens, V_local] buffer (the only large allocation); the backward turns
+that buffer into the gradient in place (fp32 logits) without another exp. Other temporaries are
+chunk-sized and reused. A second backward through the same graph (retain_graph) recomputes.
+Statistics run in fp32 for fp32/bf16/fp16 logits (fp64 for fp64 logits).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .row_ops import finish_maxima, local_row_maxima, row_chunks, safe_denominator, valid_columns
+from .row_ops import (ChunkWorkspace, accumulation_dtype, chunk_row_maxima, row_chunks, safe_denominator,
+                      valid_columns)
 from .vocab_shard import VocabShard
 
 _BASE_ORDER = ("S", "T", "U")
+_SOFTMAX_COLUMN = {"S": 0, "T": 1}  # which column of the [max zs, max zt] maxima shifts each base
 
 
 @dataclass(frozen=True)
@@ -50,30 +58,41 @@ class CSDSpec:
 
     @property
     def bases(self) -> Tuple[str, ...]:
-        """Base weights whose sums are reduced, in a fixed order (M needs S and T)."""
+        """Base weights whose moments are reduced, in a fixed order (M needs S and T)."""
         needed = set()
         for factor in self.weights:
             needed.update(("S", "T") if factor == "M" else (factor,))
         return tuple(base for base in _BASE_ORDER if base in needed)
 
+    @property
+    def stored_base(self) -> Optional[str]:
+        """The softmax base whose weights the forward keeps for the backward (None: UU)."""
+        return next((base for base in self.bases if base in _SOFTMAX_COLUMN), None)
 
-def _chunk_gap_and_exps(zs, zt, shift_s, shift_t, bases, temperature, masked_rows):
-    """For one row chunk: the shifted gap d' and the unnormalised base weights e_b (fp32).
 
-    `masked_rows` are chunk-local indices of rows with -inf columns: there d' and every e_b are
-    set to 0 on the invalid columns, so those columns drop out of every sum and gradient.
-    e_U is returned as None (it is 1 on valid columns) unless rows are masked, then it is the mask.
+def _chunk_gap_and_exps(workspace, zs, zt, shifts, bases, temperature, masked_rows, stored=None, stored_out=None):
+    """One row chunk: the shifted gap d_loc and the unnormalised base weights e_b.
+
+    shifts: [rows, 2] per-row (student, teacher) shifts. `stored_out` (a _StoredChunk) holds the
+    `stored` base's weights: a fresh one is written here (forward), otherwise it is read instead
+    of recomputing the exp (backward). On masked rows (chunk-local indices) d and every e_b are
+    zeroed on invalid columns, so those columns drop out of every sum and gradient.
+    e_U is None (1 on every column) unless rows are masked, then it is the column mask.
     """
-    # Shift first: z - max z is exact for the columns near the maximum (Sterbenz), which are the
-    # ones that carry softmax weight; subtracting the large raw logits first would round the gap.
-    a_s = zs - shift_s.unsqueeze(-1)  # type promotion upcasts bf16/fp16 to the shift's dtype
-    a_t = zt - shift_t.unsqueeze(-1)
-    gap = a_s - a_t
-    exps: Dict[str, torch.Tensor] = {}
-    if "S" in bases:
-        exps["S"] = (a_s if temperature == 1.0 else a_s.div_(temperature)).exp_()
-    if "T" in bases:
-        exps["T"] = (a_t if temperature == 1.0 else a_t.div_(temperature)).exp_()
+    rows = zs.shape[0]
+    a_s = torch.sub(zs, shifts[:, 0:1], out=workspace.buffer("a_s", rows))  # bf16/fp16 computed in fp32
+    a_t = torch.sub(zt, shifts[:, 1:2], out=workspace.buffer("a_t", rows))
+    gap = torch.sub(a_s, a_t, out=workspace.buffer("gap", rows))
+    exps: Dict[str, Optional[torch.Tensor]] = {}
+    for base, shifted in (("S", a_s), ("T", a_t)):
+        if base not in bases:
+            continue
+        if base == stored and stored_out is not None and not stored_out.fresh:
+            exps[base] = stored_out.chunk  # the forward already computed (and masked) these
+            continue
+        scaled = shifted if temperature == 1.0 else shifted.div_(temperature)
+        out = stored_out.chunk if base == stored and stored_out is not None else scaled
+        exps[base] = torch.exp(scaled, out=out)
     if "U" in bases:
         exps["U"] = None
     if masked_rows.numel():
@@ -86,38 +105,61 @@ def _chunk_gap_and_exps(zs, zt, shift_s, shift_t, bases, temperature, masked_row
     return gap, exps
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row dot product as a batched matrix product (no [rows, V] temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+@dataclass
+class _StoredChunk:
+    chunk: torch.Tensor
+    fresh: bool  # True in the forward (to be written), False in the backward (to be read)
 
 
-def _local_moments(gap, exp_weight, valid_width):
+def _local_moments(workspace, gap, exp_weight, valid_width):
     """[rows, 3] on this shard: Z_r = sum e, S_r = sum e d, C_r = sum e (d - S_r / Z_r)^2.
 
-    Two passes over the (cache-resident) chunk: the centred second moment does not cancel the way
-    sum e d^2 - (sum e d)^2 / Z does when the weighted mean gap is large against its spread.
-    `exp_weight` None means e = 1 on every column (U on a row without masked columns); it is
-    consumed (overwritten) otherwise.
+    Two passes over the cache-resident chunk (the centred second moment does not cancel).
+    `exp_weight` None means e = 1 on every column (U on a row without masked columns).
     """
+    rows = gap.shape[0]
+    product = workspace.buffer("product", rows)
     if exp_weight is None:
         total = torch.full_like(gap[:, 0], float(valid_width))
         weighted_sum = gap.sum(-1)
     else:
         total = exp_weight.sum(-1)
-        weighted_sum = _row_dot(exp_weight, gap)
-    centred = gap - (weighted_sum / safe_denominator(total)).unsqueeze(-1)
+        weighted_sum = torch.mul(exp_weight, gap, out=product).sum(-1)
+    centred = torch.sub(gap, (weighted_sum / safe_denominator(total)).unsqueeze(-1),
+                        out=workspace.buffer("centred", rows))
     if exp_weight is None:
-        centred_square_sum = _row_dot(centred, centred)
+        torch.mul(centred, centred, out=product)
     else:
-        centred_square_sum = _row_dot(exp_weight.mul_(centred), centred)
-    return torch.stack((total, weighted_sum, centred_square_sum), dim=-1)
+        torch.mul(exp_weight, centred, out=product).mul_(centred)
+    return torch.stack((total, weighted_sum, product.sum(-1)), dim=-1)
+
+
+def _to_global_frame(local_moments, base, local_shifts, global_shifts, temperature):
+    """Move one base's [rows, 3] local moments from the local-max frame to the global one, in place.
+
+    e_b scales by exp((max_loc - max) / tau) (S, T; U is unscaled); every gap shifts by
+    offset = (max_loc zs - max zs) - (max_loc zt - max zt), so S_r = Z_r (m_r + offset); C_r only
+    scales. Rows without a valid local column (Z_r = 0) stay 0.
+    """
+    totals, sums, centred = local_moments.unbind(-1)
+    present = totals > 0
+    means = sums / safe_denominator(totals)
+    offset = (local_shifts[:, 0] - global_shifts[:, 0]) - (local_shifts[:, 1] - global_shifts[:, 1])
+    if base in _SOFTMAX_COLUMN:
+        column = _SOFTMAX_COLUMN[base]
+        factor = ((local_shifts[:, column] - global_shifts[:, column]) / temperature).exp()
+        factor = torch.where(present, factor, torch.zeros_like(factor))
+        totals.mul_(factor)
+        centred.mul_(factor)
+    sums.copy_(torch.where(present, totals * (means + torch.where(present, offset, torch.zeros_like(offset))),
+                           torch.zeros_like(sums)))
 
 
 def _combine_shards(per_rank):
-    """Exact parallel-variance combination (Chan et al.) of per-rank [Z_r, S_r, C_r] slots.
+    """Exact parallel-variance combination of per-rank [Z_r, S_r, C_r] slots ([world, rows, 3]).
 
-    per_rank: [world, rows, 3]. Returns (Z, mean, variance) per row:
-    Z = sum Z_r, mean = sum S_r / Z, variance = sum (C_r + Z_r (m_r - mean)^2) / Z.
+    Returns (Z, mean, variance) per row: Z = sum Z_r, mean = sum S_r / Z,
+    variance = sum (C_r + Z_r (m_r - mean)^2) / Z.
     """
     totals, sums, centred = per_rank.unbind(-1)
     total = totals.sum(0)
@@ -139,38 +181,68 @@ def _factor_moments(factor, moments, mix):
     return mean, variance
 
 
-def _chunk_factor_weight(factor, exps, totals, mix, start, end, width):
-    """Normalised weight factor on a row chunk: e_b / Z_b (U: 1 / count; M: mixture)."""
+def _row_weight_scales(bases, totals, local_shifts, global_shifts, local_present, temperature, mix):
+    """Per-row factors r_b with w_b = e_b(local frame) * r_b, and the M mixture coefficients."""
+    scales = {}
+    for slot, base in enumerate(bases):
+        inverse_total = 1.0 / safe_denominator(totals[:, slot])
+        if base in _SOFTMAX_COLUMN:
+            column = _SOFTMAX_COLUMN[base]
+            inverse_total = inverse_total * ((local_shifts[:, column] - global_shifts[:, column]) / temperature).exp()
+        scales[base] = torch.where(local_present, inverse_total, torch.zeros_like(inverse_total))
+    if "S" in scales and "T" in scales:
+        scales["M"] = (scales["T"] * mix, scales["S"] * (1 - mix))
+    return scales
+
+
+def _chunk_factor_weight(factor, exps, scales, start, end):
+    """Normalised weight of a factor on a row chunk as (tensor or None meaning 1, per-row scale).
+
+    S/T/U return workspace or stored buffers that the caller may overwrite; M allocates.
+    """
     if factor == "M":
-        return (_chunk_factor_weight("T", exps, totals, mix, start, end, width).mul_(mix)
-                .add_(_chunk_factor_weight("S", exps, totals, mix, start, end, width), alpha=1 - mix))
-    inverse_total = 1.0 / safe_denominator(totals[factor][start:end])
-    if factor == "U" and exps["U"] is None:
-        return inverse_total.unsqueeze(-1).expand(end - start, width)
-    return exps[factor] * inverse_total.unsqueeze(-1)
+        share_t, share_s = scales["M"]
+        mixture = exps["T"] * share_t[start:end].unsqueeze(-1)
+        mixture.add_(exps["S"] * share_s[start:end].unsqueeze(-1))
+        return mixture, torch.ones_like(share_t[start:end])
+    return exps[factor], scales[factor][start:end]
 
 
 class _CSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, spec: CSDSpec, shard: VocabShard):
         rows, width = student.shape[0], shard.valid_width
+        dtype = accumulation_dtype(student.dtype)
         zs, zt = student[:, :width], teacher[:, :width]
-        maxima, masked = local_row_maxima(zs, zt)
-        shard.all_reduce_max(maxima)
-        empty = finish_maxima(maxima)
-
-        # Each rank fills its own slot of [world, rows, 3 * bases]; the one SUM all-reduce then
-        # hands every rank all shards' moments (volume independent of V) for an exact combination.
-        bases = spec.bases
-        per_rank = torch.zeros(shard.world_size, rows, 3 * len(bases), dtype=maxima.dtype, device=student.device)
+        bases, stored = spec.bases, spec.stored_base
+        local_shifts = torch.zeros(rows, 2, dtype=dtype, device=student.device)
+        masked = torch.zeros(rows, dtype=torch.bool, device=student.device)
+        per_rank = torch.zeros(shard.world_size, rows, 3 * len(bases), dtype=dtype, device=student.device)
         local = per_rank[shard.rank]
-        if width:
-            for start, end in row_chunks(rows, width):
-                masked_rows = masked[start:end].nonzero().squeeze(-1)
-                gap, exps = _chunk_gap_and_exps(zs[start:end], zt[start:end], maxima[start:end, 0],
-                                                maxima[start:end, 1], bases, spec.temperature, masked_rows)
-                for slot, base in enumerate(bases):
-                    local[start:end, 3 * slot:3 * slot + 3] = _local_moments(gap, exps[base], width)
+        # The kept softmax weights; for fp32 logits it later becomes the gradient itself.
+        weights_store = None
+        if stored is not None and width:
+            weights_store = torch.empty(rows, student.shape[1] if student.dtype == dtype else width,
+                                        dtype=dtype, device=student.device)
+        workspace = ChunkWorkspace(rows, width, dtype, student.device)
+        for start, end in (row_chunks(rows, width) if width else []):
+            maxima, masked_rows = chunk_row_maxima(zs[start:end], zt[start:end], dtype)
+            masked[start + masked_rows] = True
+            local_shifts[start:end] = maxima.masked_fill_(maxima == float("-inf"), 0.0)
+            store = None if weights_store is None else _StoredChunk(weights_store[start:end, :width], fresh=True)
+            gap, exps = _chunk_gap_and_exps(workspace, zs[start:end], zt[start:end], local_shifts[start:end],
+                                            bases, spec.temperature, masked_rows, stored, store)
+            for slot, base in enumerate(bases):
+                local[start:end, 3 * slot:3 * slot + 3] = _local_moments(workspace, gap, exps[base], width)
+        local_present = local[:, 0] > 0  # rows with a valid column on this shard
+
+        global_shifts = torch.where(local_present.unsqueeze(-1), local_shifts,
+                                    torch.full_like(local_shifts, float("-inf")))
+        shard.all_reduce_max(global_shifts)
+        empty = global_shifts[:, 0] == float("-inf")  # no valid column anywhere: loss 0, gradient 0
+        global_shifts.masked_fill_(empty.unsqueeze(-1), 0.0)
+        for slot, base in enumerate(bases):
+            _to_global_frame(local[:, 3 * slot:3 * slot + 3], base, local_shifts, global_shifts, spec.temperature)
         shard.all_reduce_sum(per_rank)
         moments = {base: _combine_shards(per_rank[..., 3 * slot:3 * slot + 3]) for slot, base in enumerate(bases)}
 
@@ -180,41 +252,62 @@ class _CSDFunction(torch.autograd.Function):
         loss = (var1 + var2 + (m1 - m2) ** 2).mul_(0.5 * spec.scale).masked_fill_(empty, 0.0)
 
         totals = torch.stack([moments[base][0] for base in bases], dim=-1)
-        ctx.save_for_backward(student, teacher, maxima, masked, empty, totals, m1, m2)
-        ctx.spec, ctx.shard = spec, shard
+        # Means in each row's local frame, so the backward can use d_loc directly.
+        offset = (local_shifts[:, 0] - global_shifts[:, 0]) - (local_shifts[:, 1] - global_shifts[:, 1])
+        ctx.save_for_backward(student, teacher, local_shifts, global_shifts, masked, local_present & ~empty,
+                              totals, m1 - offset, m2 - offset)
+        ctx.spec, ctx.shard, ctx.weights_store = spec, shard, weights_store
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        student, teacher, maxima, masked, empty, totals, m1, m2 = ctx.saved_tensors
+        student, teacher, local_shifts, global_shifts, masked, present, totals, m1, m2 = ctx.saved_tensors
         spec, shard = ctx.spec, ctx.shard
+        weights_store, ctx.weights_store = ctx.weights_store, None  # consumed: a second backward recomputes
         rows, width = student.shape[0], shard.valid_width
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        dtype = local_shifts.dtype
+        in_place = weights_store is not None and weights_store.shape == student.shape
+        grad = weights_store if in_place else torch.empty_like(student, memory_format=torch.contiguous_format)
         if width < student.shape[1]:
             grad[:, width:] = 0
         if width == 0:
             return grad, None, None, None
+        bases, stored = spec.bases, spec.stored_base
+        scales = _row_weight_scales(bases, totals, local_shifts, global_shifts, present, spec.temperature, spec.mix)
+        row_coeff = grad_loss.to(dtype) * spec.scale
         w1, w2 = spec.weights
-        bases = spec.bases
-        totals = {base: totals[:, slot] for slot, base in enumerate(bases)}
-        # d(loss)/d(zs) carries the upstream gradient; empty rows get exactly 0.
-        row_coeff = (grad_loss.to(maxima.dtype) * spec.scale).masked_fill_(empty, 0.0)
         zs, zt = student[:, :width], teacher[:, :width]
+        workspace = ChunkWorkspace(rows, width, dtype, student.device)
         for start, end in row_chunks(rows, width):
             masked_rows = masked[start:end].nonzero().squeeze(-1)
-            gap, exps = _chunk_gap_and_exps(zs[start:end], zt[start:end], maxima[start:end, 0],
-                                            maxima[start:end, 1], bases, spec.temperature, masked_rows)
+            store = None if weights_store is None else _StoredChunk(weights_store[start:end, :width], fresh=False)
+            gap, exps = _chunk_gap_and_exps(workspace, zs[start:end], zt[start:end], local_shifts[start:end],
+                                            bases, spec.temperature, masked_rows, stored, store)
             coeff = row_coeff[start:end].unsqueeze(-1)
-            if w1 == w2:  # 2 w (d - m)
-                weight = _chunk_factor_weight(w1, exps, totals, spec.mix, start, end, width)
-                chunk_grad = gap.sub_(m1[start:end].unsqueeze(-1)).mul_(weight).mul_(2 * coeff)
-            else:
-                weight1 = _chunk_factor_weight(w1, exps, totals, spec.mix, start, end, width)
-                weight2 = _chunk_factor_weight(w2, exps, totals, spec.mix, start, end, width)
-                chunk_grad = (gap - m2[start:end].unsqueeze(-1)).mul_(weight1)
-                chunk_grad.addcmul_(gap.sub_(m1[start:end].unsqueeze(-1)), weight2).mul_(coeff)
-            grad[start:end, :width] = chunk_grad
+            out = grad[start:end, :width] if grad.dtype == dtype else None
+            weight1, scale1 = _chunk_factor_weight(w1, exps, scales, start, end)
+            if w1 == w2:  # scale * 2 w (d - m)
+                centred = gap.sub_(m1[start:end].unsqueeze(-1))
+                row_factor = (2 * scale1).unsqueeze(-1) * coeff
+                if weight1 is None:
+                    chunk_grad = torch.mul(centred, row_factor, out=out)
+                else:  # weight1 may be the stored chunk, which may also be `out`
+                    chunk_grad = torch.mul(weight1, centred, out=out if out is not None else weight1)
+                    chunk_grad.mul_(row_factor)
+            else:  # scale * (w1 (d - m2) + w2 (d - m1))
+                weight2, scale2 = _chunk_factor_weight(w2, exps, scales, start, end)
+                first = gap - m2[start:end].unsqueeze(-1)
+                if weight1 is not None:
+                    first.mul_(weight1)
+                first.mul_((scale1.unsqueeze(-1) * coeff))
+                second = gap.sub_(m1[start:end].unsqueeze(-1))
+                if weight2 is not None:
+                    second.mul_(weight2)
+                second.mul_(scale2.unsqueeze(-1) * coeff)
+                chunk_grad = torch.add(first, second, out=out)
+            if out is None:
+                grad[start:end, :width] = chunk_grad
         return grad, None, None, None
 
 

@@ -15,7 +15,7 @@ from typing import Iterator, Tuple
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 17
+CHUNK_ELEMENTS = 1 << 18
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,36 +29,55 @@ def row_chunks(num_rows: int, num_cols: int) -> Iterator[Tuple[int, int]]:
         yield start, min(start + step, num_rows)
 
 
+class ChunkWorkspace:
+    """Named fp32 scratch buffers of `[chunk rows, width]`, allocated once per call and reused
+    for every chunk: fresh allocations of this size cost page faults on every use."""
+
+    def __init__(self, num_rows: int, width: int, dtype: torch.dtype, device):
+        self.rows = min(num_rows, max(1, CHUNK_ELEMENTS // max(width, 1)))
+        self.width, self.dtype, self.device = width, dtype, device
+        self._buffers = {}
+
+    def buffer(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.rows, self.width, dtype=self.dtype, device=self.device)
+        return self._buffers[name][:rows]
+
+
 def valid_columns(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Boolean mask of columns that are finite-from-below (not -inf) in both inputs."""
     return (student != float("-inf")) & (teacher != float("-inf"))
 
 
+def chunk_row_maxima(zs: torch.Tensor, zt: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One row chunk: maxima [rows, 2] over valid columns (-inf where none) and the chunk-local
+    indices of rows with masked (-inf) columns."""
+    # amax then amin: the second pass reads the chunk from cache (torch.aminmax is far slower).
+    maxima = torch.stack((zs.amax(-1), zt.amax(-1)), dim=-1).to(dtype)
+    rows = ((zs.amin(-1) == float("-inf")) | (zt.amin(-1) == float("-inf"))).nonzero().squeeze(-1)
+    if rows.numel():
+        valid = valid_columns(zs[rows], zt[rows])
+        neg_inf = torch.tensor(float("-inf"), dtype=zs.dtype, device=zs.device)
+        maxima[rows, 0] = torch.where(valid, zs[rows], neg_inf).amax(-1).to(dtype)
+        maxima[rows, 1] = torch.where(valid, zt[rows], neg_inf).amax(-1).to(dtype)
+    return maxima, rows
+
+
 def local_row_maxima(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Local per-row maxima over the valid columns, and which rows have masked columns.
 
-    Returns `maxima` [rows, 2] in the accumulation dtype (student max, teacher max; -inf where a row has no valid
-    column on this shard) and `masked` [rows] bool. No communication.
+    Returns `maxima` [rows, 2] in the accumulation dtype (student max, teacher max; -inf where a
+    row has no valid column on this shard) and `masked` [rows] bool. No communication.
     """
     num_rows, width = student.shape
-    maxima = torch.full((num_rows, 2), float("-inf"), dtype=accumulation_dtype(student.dtype),
-                        device=student.device)
+    dtype = accumulation_dtype(student.dtype)
+    maxima = torch.full((num_rows, 2), float("-inf"), dtype=dtype, device=student.device)
     masked = torch.zeros(num_rows, dtype=torch.bool, device=student.device)
     if width == 0:
         return maxima, masked
     for start, end in row_chunks(num_rows, width):
-        zs, zt = student[start:end], teacher[start:end]
-        min_s, max_s = torch.aminmax(zs, dim=-1)
-        min_t, max_t = torch.aminmax(zt, dim=-1)
-        maxima[start:end, 0] = max_s
-        maxima[start:end, 1] = max_t
-        rows = ((min_s == float("-inf")) | (min_t == float("-inf"))).nonzero().squeeze(-1)
-        if rows.numel():
-            valid = valid_columns(zs[rows], zt[rows])
-            neg_inf = torch.tensor(float("-inf"), dtype=zs.dtype, device=zs.device)
-            maxima[start + rows, 0] = torch.where(valid, zs[rows], neg_inf).amax(-1).to(maxima.dtype)
-            maxima[start + rows, 1] = torch.where(valid, zt[rows], neg_inf).amax(-1).to(maxima.dtype)
-            masked[start + rows] = True
+        maxima[start:end], rows = chunk_row_maxima(student[start:end], teacher[start:end], dtype)
+        masked[start + rows] = True
     return maxima, masked
 
 
