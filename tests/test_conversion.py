@@ -110,8 +110,12 @@ def _layouts_body(rank, world_size, root):
             sources = {"converted": root / f"mg_{name}"}
             if (tp, pp) in RESHARD_LAYOUTS:
                 sources["resaved_tp2pp2"] = root / f"tp2pp2_{name}"
+            if (tp, pp) == (2, 1) and name == "gemma_mqa":
+                sources["repadded_2048"] = root / f"mg_{name}"
             for source, directory in sources.items():
                 cfg = load_model_config(directory)
+                if source == "repadded_2048":  # a model padded wider than the checkpoint
+                    cfg = cfg.replace(padded_vocab_size=2048)
                 model = build_gpt_model(cfg, pre_process=parallel_state.is_pipeline_first_stage(),
                                         post_process=last, perform_initialization=False)
                 load_model(model, directory)
@@ -152,6 +156,25 @@ def test_converted_logits_and_loss_match_transformers(layout_results, name, tp, 
     assert result["logit_diff"] <= LOGIT_ATOL
     assert result["loss_diff"] <= LOGIT_ATOL
     assert result["padded_width"] == 1024 and result["padded_logit_max"] == 0.0
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_into_a_model_with_wider_vocab_padding(layout_results):
+    result = layout_results["gemma_mqa/repadded_2048/tp2pp1"]
+    assert result["padded_width"] == 2048 and result["padded_logit_max"] == 0.0
+    assert result["logit_diff"] <= LOGIT_ATOL and result["loss_diff"] <= LOGIT_ATOL
+
+
+def test_load_refuses_a_different_architecture():
+    from megatron_csd.models import get_preset
+    from megatron_csd.models.checkpoint import check_loadable
+
+    saved = get_preset("tiny-llama")
+    check_loadable(saved, saved.replace(padded_vocab_size=4096, hidden_dropout=0.1))
+    with pytest.raises(ValueError, match="ffn_hidden_size: checkpoint 160 vs model 128"):
+        check_loadable(saved, saved.replace(ffn_hidden_size=128))
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_loadable(saved, saved.replace(vocab_size=301))
 
 
 @pytest.mark.slow
