@@ -16,9 +16,12 @@ f(p, q); its gradient through q's softmax is
 Logs are taken from the logits (log p = zt/tau - logsumexp), and log m by logaddexp, so columns
 whose probability underflows never produce inf * 0.
 
-Collectives (tensor-parallel group): one MAX all-reduce of [max zs, max zt] per token; one SUM
-all-reduce of the normalisers [Z_s, Z_t]; one SUM all-reduce of [sum f, sum h]. Backward needs
-none: it recomputes p, q and h chunk by chunk. Statistics are fp32 whatever the input dtype.
+Passes and collectives (tensor-parallel group): pass 1 streams the logits once for the local
+maxima and the softmax normalisers in the local-max frame; one MAX all-reduce of [max zs, max zt]
+per token, after which the normalisers are rescaled exactly by exp((max_local - max) / tau); one
+SUM all-reduce of [Z_s, Z_t]; pass 2 computes the terms; one SUM all-reduce of [sum f, sum h].
+Backward needs no communication: it recomputes p, q and h chunk by chunk. Statistics are fp32
+(fp64 for fp64 logits) whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .row_ops import finish_maxima, local_row_maxima, row_chunks, safe_denominator, valid_columns
+from .row_ops import accumulation_dtype, chunk_row_maxima, finish_maxima, row_chunks, safe_denominator, valid_columns
 from .vocab_shard import VocabShard
 
 KL_FAMILY = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
@@ -49,29 +52,35 @@ def _log_mixture(first_share, log_first, log_second):
 
 
 def _terms(spec: DivergenceSpec, log_p, log_q):
-    """Elementwise f and h (see module docstring) on one chunk; fp32."""
-    p, q = log_p.exp(), log_q.exp()
+    """Elementwise f, h (see module docstring) and q on one chunk; log_p may be overwritten."""
+    q = log_q.exp()
     name = spec.objective
     if name == "fkl":
-        return p * (log_p - log_q), -p
+        p = log_p.exp()
+        return p * (log_p - log_q), p.neg_(), q
     if name == "rkl":
         log_ratio = log_q - log_p
-        return q * log_ratio, q * (log_ratio + 1)
+        f = q * log_ratio
+        return f, log_ratio.add_(1).mul_(q), q
     if name == "jsd":
         beta = spec.beta
+        p = log_p.exp()
         log_m = _log_mixture(beta, log_p, log_q)
         q_term = q * (log_q - log_m)
-        return beta * p * (log_p - log_m) + (1 - beta) * q_term, (1 - beta) * q_term
+        return p.mul_(log_p.sub_(log_m)).mul_(beta).add_(q_term, alpha=1 - beta), q_term.mul_(1 - beta), q
     if name == "skl":
         log_m = _log_mixture(spec.skew, log_p, log_q)
-        return p * (log_p - log_m), -(1 - spec.skew) * (log_p + log_q - log_m).exp()
+        f = log_p.exp() * (log_p - log_m)
+        return f, log_p.add_(log_q).sub_(log_m).exp_().mul_(-(1 - spec.skew)), q
     if name == "srkl":
         log_m = _log_mixture(spec.skew, log_q, log_p)
         log_ratio = log_q - log_m
-        return q * log_ratio, q * (log_ratio + 1) - spec.skew * (2 * log_q - log_m).exp()
+        f = q * log_ratio
+        h = log_ratio.add_(1).mul_(q).sub_((2 * log_q - log_m).exp_().mul_(spec.skew))
+        return f, h, q
     if name == "tvd":
-        diff = q - p
-        return 0.5 * diff.abs(), 0.5 * q * torch.sign(diff)
+        diff = q - log_p.exp_()
+        return diff.abs().mul_(0.5), torch.sign(diff).mul_(q).mul_(0.5), q
     raise AssertionError(f"unhandled objective {name}")
 
 
@@ -97,22 +106,30 @@ class _DivergenceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, spec: DivergenceSpec, shard: VocabShard):
         rows, width = student.shape[0], shard.valid_width
+        dtype = accumulation_dtype(student.dtype)
         zs, zt = student[:, :width], teacher[:, :width]
         tau = spec.temperature
-        maxima, masked = local_row_maxima(zs, zt)
-        shard.all_reduce_max(maxima)
-        empty = finish_maxima(maxima)
-
-        # Softmax normalisers; zero log-norms meanwhile make _chunk_log_probs return shifted logits.
-        norms = torch.zeros(rows, 2, dtype=maxima.dtype, device=student.device)
+        # Pass 1: per-row local maxima and softmax normalisers in the local-max frame.
+        local_shifts = torch.zeros(rows, 2, dtype=dtype, device=student.device)
+        norms = torch.zeros(rows, 2, dtype=dtype, device=student.device)
+        masked = torch.zeros(rows, dtype=torch.bool, device=student.device)
         zero_log_norms = torch.zeros_like(norms)
         chunks = list(row_chunks(rows, width)) if width else []
         for start, end in chunks:
-            masked_rows = masked[start:end].nonzero().squeeze(-1)
-            log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], maxima[start:end],
+            chunk_maxima, masked_rows = chunk_row_maxima(zs[start:end], zt[start:end], dtype)
+            masked[start + masked_rows] = True
+            local_shifts[start:end] = chunk_maxima
+            finite_shifts = chunk_maxima.masked_fill(chunk_maxima == float("-inf"), 0.0)
+            log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], finite_shifts,
                                             zero_log_norms[start:end], tau, masked_rows)
             norms[start:end, 0] = log_q.exp_().sum(-1)
             norms[start:end, 1] = log_p.exp_().sum(-1)
+        maxima = local_shifts.clone()
+        shard.all_reduce_max(maxima)
+        empty = finish_maxima(maxima)
+        # exp((z - max_loc) / tau) -> exp((z - max) / tau): scale by exp((max_loc - max) / tau) <= 1.
+        rescale = ((local_shifts - maxima) / tau).exp_().nan_to_num_(0.0)
+        norms.mul_(torch.where(local_shifts == float("-inf"), torch.zeros_like(rescale), rescale))
         shard.all_reduce_sum(norms)
         log_norms = safe_denominator(norms).log_()
 
@@ -121,7 +138,7 @@ class _DivergenceFunction(torch.autograd.Function):
             masked_rows = masked[start:end].nonzero().squeeze(-1)
             log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], maxima[start:end],
                                             log_norms[start:end], tau, masked_rows)
-            f, h = _terms(spec, log_p, log_q)
+            f, h, _ = _terms(spec, log_p, log_q)
             sums[start:end, 0] = _zero_invalid(f, zs[start:end], zt[start:end], masked_rows).sum(-1)
             sums[start:end, 1] = _zero_invalid(h, zs[start:end], zt[start:end], masked_rows).sum(-1)
         shard.all_reduce_sum(sums)
@@ -144,8 +161,8 @@ class _DivergenceFunction(torch.autograd.Function):
             masked_rows = masked[start:end].nonzero().squeeze(-1)
             log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], maxima[start:end],
                                             log_norms[start:end], spec.temperature, masked_rows)
-            _, h = _terms(spec, log_p, log_q)
-            chunk_grad = h.sub_(log_q.exp_().mul_(h_total[start:end].unsqueeze(-1)))
+            _, h, q = _terms(spec, log_p, log_q)
+            chunk_grad = h.sub_(q.mul_(h_total[start:end].unsqueeze(-1)))
             chunk_grad = _zero_invalid(chunk_grad, zs[start:end], zt[start:end], masked_rows)
             grad[start:end, :width] = chunk_grad.mul_(row_coeff[start:end].unsqueeze(-1))
         return grad, None, None, None

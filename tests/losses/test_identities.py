@@ -165,3 +165,15 @@ def test_bad_inputs_raise_value_errors():
         distillation_loss(student, teacher, {"objective": "csd"})
     with pytest.raises(ValueError, match="not initialised"):
         distillation_loss(student, teacher, cfg, tp_group=object())
+
+
+@pytest.mark.parametrize("cfg", [LossConfig("csd", weights="SS"), LossConfig("csd", weights="TS"),
+                                 LossConfig("csd", weights="UU"), LossConfig("rkl"), LossConfig("dld")], ids=config_id)
+def test_second_backward_with_retained_graph_gives_the_same_gradient(cfg):
+    student, teacher = _logits()
+    leaf = student.requires_grad_(True)
+    loss = distillation_loss(leaf, teacher, cfg).sum()
+    (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    first = first.clone()
+    (second,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(second, first, rtol=1e-6, atol=1e-7)

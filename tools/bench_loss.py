@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Benchmark the vocab-parallel distillation losses against two baselines measured in the same run.
+
+For each objective: forward + backward wall time of `megatron_csd.losses.distillation_loss` on
+`[tokens, V]` logits, beside
+  * Megatron-Core's `vocab_parallel_cross_entropy` forward + backward on the same student logits
+    (the cost of the loss every Megatron user already pays), and
+  * a straightforward dense PyTorch implementation of the same objective, the way the CSD
+    authors' code computes it (full softmaxes and elementwise [tokens, V] tensors, autograd).
+
+Method: one warm-up run excluded, then the median of `--repeats` (>= 5) runs; every run gets
+fresh clones of the inputs (Megatron's CE overwrites its input) made outside the timed region.
+Ratios are taken within the same run. Peak memory is the peak RSS of a fresh subprocess minus
+its RSS once the inputs exist, in MB and in units of one fp32 [tokens, V] buffer (the student
+gradient itself is one such buffer). TP = 2 runs in two gloo processes, each rank timing its
+shard with barriers around every run. The V sweep times CSD SS at growing V to show linear cost.
+
+    python tools/bench_loss.py                 # the README table (about 10 minutes on 2 cores)
+    python tools/bench_loss.py --quick         # smaller and faster, for a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_csd.losses import LossConfig, distillation_loss
+
+OBJECTIVES = {
+    "csd-SS": LossConfig("csd", weights="SS"),
+    "csd-TS": LossConfig("csd", weights="TS"),
+    "csd-UU": LossConfig("csd", weights="UU"),
+    "csd-MM": LossConfig("csd", weights="MM"),
+    "fkl": LossConfig("fkl"),
+    "rkl": LossConfig("rkl"),
+    "jsd": LossConfig("jsd"),
+    "tvd": LossConfig("tvd"),
+    "skl": LossConfig("skl"),
+    "srkl": LossConfig("srkl"),
+    "dld": LossConfig("dld"),
+}
+
+
+# ----------------------------------------------------------------------------- dense baselines
+def dense_loss(student, teacher, cfg: LossConfig):
+    """Per-token loss with full [tokens, V] tensors (the authors' style), autograd backward."""
+    tau = cfg.temperature
+    if cfg.objective == "csd":
+        q = torch.softmax(student.detach() / tau, -1)
+        p = torch.softmax(teacher / tau, -1)
+        uniform = torch.full_like(q, 1.0 / q.shape[-1])
+        factors = {"S": q, "T": p, "U": uniform, "M": cfg.mix * p + (1 - cfg.mix) * q}
+        gap = student - teacher
+        w1, w2 = factors[cfg.weights[0]], factors[cfg.weights[1]]
+        m1, m2 = (w1 * gap).sum(-1), (w2 * gap).sum(-1)
+        v1 = (w1 * gap * gap).sum(-1) - m1 * m1
+        v2 = (w2 * gap * gap).sum(-1) - m2 * m2
+        return 0.5 * cfg.scale * (v1 + v2 + (m1 - m2) ** 2)
+    if cfg.objective == "dld":
+        return 0.5 * cfg.scale * ((student - teacher) ** 2).mean(-1)
+    log_q = torch.log_softmax(student / tau, -1)
+    log_p = torch.log_softmax(teacher / tau, -1)
+    q, p = log_q.exp(), log_p.exp()
+    if cfg.objective == "fkl":
+        return (p * (log_p - log_q)).sum(-1)
+    if cfg.objective == "rkl":
+        return (q * (log_q - log_p)).sum(-1)
+    if cfg.objective == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if cfg.objective == "jsd":
+        log_m = torch.log(cfg.beta * p + (1 - cfg.beta) * q)
+        return cfg.beta * (p * (log_p - log_m)).sum(-1) + (1 - cfg.beta) * (q * (log_q - log_m)).sum(-1)
+    if cfg.objective == "skl":
+        return (p * (log_p - torch.log(cfg.skew * p + (1 - cfg.skew) * q))).sum(-1)
+    if cfg.objective == "srkl":
+        return (q * (log_q - torch.log(cfg.skew * q + (1 - cfg.skew) * p))).sum(-1)
+    raise ValueError(cfg.objective)
+
+
+# ----------------------------------------------------------------------------- timing
+def _megatron_ce():
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    return vocab_parallel_cross_entropy
+
+
+def make_inputs(tokens, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(tokens, vocab, generator=gen).mul_(3)  # in place: no transient peak
+    teacher = torch.randn(tokens, vocab, generator=gen).mul_(3)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    return student, teacher, targets
+
+
+def run_once(method, student, teacher, targets, cfg, tp_group):
+    """One forward + backward; returns seconds. Input clones are made before the clock starts."""
+    leaf = student.clone().requires_grad_(True)
+    teacher_copy = teacher.clone()
+    if tp_group is not None:
+        dist.barrier(group=tp_group)
+    start = time.perf_counter()
+    if method == "ours":
+        loss = distillation_loss(leaf, teacher_copy, cfg, tp_group=tp_group)
+    elif method == "dense":
+        loss = dense_loss(leaf, teacher_copy, cfg)
+    elif method == "megatron_ce":
+        loss = _megatron_ce()(leaf, targets)
+    else:
+        raise ValueError(method)
+    loss.sum().backward()
+    if tp_group is not None:
+        dist.barrier(group=tp_group)
+    return time.perf_counter() - start
+
+
+def median_time(method, student, teacher, targets, cfg, repeats, tp_group=None):
+    run_once(method, student, teacher, targets, cfg, tp_group)  # warm-up, excluded
+    return statistics.median(run_once(method, student, teacher, targets, cfg, tp_group) for _ in range(repeats))
+
+
+def _init_single_process_megatron(port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- memory
+def _reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(method, name, tokens, vocab):
+    """Runs in a fresh subprocess: prints peak extra RSS (bytes) of one forward + backward."""
+    _init_single_process_megatron(_free_port())
+    student, teacher, targets = make_inputs(tokens, vocab)
+    leaf = student.requires_grad_(True)
+    cfg = OBJECTIVES.get(name, LossConfig())
+    _reset_peak_rss()
+    baseline = _status_kib("VmRSS")
+    if method == "ours":
+        loss = distillation_loss(leaf, teacher, cfg)
+    elif method == "dense":
+        loss = dense_loss(leaf, teacher, cfg)
+    else:
+        loss = _megatron_ce()(leaf, targets)
+    loss.sum().backward()
+    print(json.dumps({"extra_bytes": (_status_kib("VmHWM") - baseline) * 1024}))
+
+
+def measure_memory(method, name, tokens, vocab):
+    out = subprocess.run([sys.executable, __file__, "--memory-child", method, name, str(tokens), str(vocab)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+# ----------------------------------------------------------------------------- TP = 2
+def _tp_worker(rank, world_size, port, tokens, vocab, names, repeats, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    group = parallel_state.get_tensor_model_parallel_group()
+    student, teacher, targets = make_inputs(tokens, vocab)
+    local = vocab // world_size
+    columns = slice(rank * local, (rank + 1) * local)
+    student, teacher = student[:, columns].contiguous(), teacher[:, columns].contiguous()
+    results = {"megatron_ce": median_time("megatron_ce", student, teacher, targets, None, repeats, group)}
+    for name in names:
+        results[name] = median_time("ours", student, teacher, targets, OBJECTIVES[name], repeats, group)
+    if rank == 0:
+        queue.put(results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_tp2(tokens, vocab, names, repeats):
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_tp_worker, args=(rank, 2, port, tokens, vocab, names, repeats, queue))
+             for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise RuntimeError("TP=2 benchmark processes failed")
+    return queue.get()
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated subset of " + ",".join(OBJECTIVES))
+    parser.add_argument("--sweep", default="4000,8000,16000,32000", help="V values for the CSD SS sweep ('' to skip)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--no-tp2", action="store_true", help="skip the TP = 2 (gloo) timings")
+    parser.add_argument("--quick", action="store_true", help="tokens 1024, csd-SS/rkl only, short sweep")
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        method, name, tokens, vocab = args.memory_child
+        memory_child(method, name, int(tokens), int(vocab))
+        return
+    if args.quick:
+        args.tokens, args.objectives, args.sweep = 1024, "csd-SS,rkl", "4000,32000"
+    names = [n for n in args.objectives.split(",") if n]
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        parser.error(f"unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5 (median of at least 5 runs)")
+
+    tokens, vocab = args.tokens, args.vocab
+    buffer_mb = tokens * vocab * 4 / 2**20
+    print(f"# distillation loss benchmark: tokens={tokens} V={vocab} fp32, torch threads={torch.get_num_threads()}, "
+          f"median of {args.repeats} runs after 1 warm-up; one fp32 [tokens, V] buffer = {buffer_mb:.0f} MB")
+    _init_single_process_megatron(_free_port())
+    student, teacher, targets = make_inputs(tokens, vocab)
+    ce_time = median_time("megatron_ce", student, teacher, targets, None, args.repeats)
+    ce_mem = None if args.no_memory else measure_memory("megatron_ce", "ce", tokens, vocab)
+    print(f"\n## TP = 1\nMegatron vocab_parallel_cross_entropy fwd+bwd: {ce_time * 1e3:.0f} ms"
+          + ("" if ce_mem is None else f", peak extra RSS {ce_mem / 2**20:.0f} MB"))
+    header = "| objective | ours ms | dense ms | ours / Megatron CE | dense / ours |"
+    rule = "|---|---|---|---|---|"
+    if not args.no_memory:
+        header += " ours extra MB (buffers) | dense extra MB (buffers) |"
+        rule += "---|---|"
+    print(header + "\n" + rule)
+    for name in names:
+        cfg = OBJECTIVES[name]
+        ours = median_time("ours", student, teacher, targets, cfg, args.repeats)
+        dense = median_time("dense", student, teacher, targets, cfg, args.repeats)
+        row = f"| {name} | {ours * 1e3:.0f} | {dense * 1e3:.0f} | {ours / ce_time:.2f} | {dense / ours:.2f} |"
+        if not args.no_memory:
+            ours_mem, dense_mem = measure_memory("ours", name, tokens, vocab), measure_memory("dense", name, tokens, vocab)
+            row += (f" {ours_mem / 2**20:.0f} ({ours_mem / 2**20 / buffer_mb:.2f}) |"
+                    f" {dense_mem / 2**20:.0f} ({dense_mem / 2**20 / buffer_mb:.2f}) |")
+        print(row, flush=True)
+
+    if not args.no_tp2:
+        tp_names = [n for n in names if n in ("csd-SS", "csd-TS", "rkl", "fkl")] or names[:1]
+        results = bench_tp2(tokens, vocab, tp_names, args.repeats)
+        print(f"\n## TP = 2 (gloo, 2 processes, V/2 columns each)\nMegatron vocab_parallel_cross_entropy fwd+bwd: "
+              f"{results['megatron_ce'] * 1e3:.0f} ms\n| objective | ours ms | ours / Megatron CE |\n|---|---|---|")
+        for name in tp_names:
+            print(f"| {name} | {results[name] * 1e3:.0f} | {results[name] / results['megatron_ce']:.2f} |")
+
+    sweep = [int(v) for v in args.sweep.split(",") if v]
+    if sweep:
+        print(f"\n## V sweep, csd-SS, tokens={tokens}\n| V | ours ms | Megatron CE ms | ours / CE | time / time at V={sweep[0]} |\n|---|---|---|---|---|")
+        first = None
+        for v in sweep:
+            s, t, y = make_inputs(tokens, v)
+            ours = median_time("ours", s, t, y, OBJECTIVES["csd-SS"], args.repeats)
+            ce = median_time("megatron_ce", s, t, y, None, args.repeats)
+            first = first or ours
+            print(f"| {v} | {ours * 1e3:.0f} | {ce * 1e3:.0f} | {ours / ce:.2f} | {ours / first:.2f} |", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
