@@ -93,9 +93,12 @@ def save_model(model, directory: PathLike, cfg: ModelConfig) -> None:
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     model = _unwrap(model)
     path = Path(directory) / MODEL_SUBDIR
+    # Checked on every rank (shared filesystem) so that all ranks raise together.
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} already holds files; save to a new directory")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if _rank() == 0:
-        if path.exists() and any(path.iterdir()):
-            raise ValueError(f"{path} already holds files; save to a new directory")
         path.mkdir(parents=True, exist_ok=True)
         write_model_config(directory, cfg)
     if torch.distributed.is_initialized():
@@ -142,10 +145,20 @@ def load_model(model, directory: PathLike) -> ModelConfig:
                 repad[key] = local
                 sharded[key] = ShardedTensor.from_rank_offsets(
                     sharded[key].key, full, replica_id=(0, tp_rank, dp_rank))
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
     try:
-        state = dist_checkpointing.load(sharded, str(path))
+        state, _, unexpected = dist_checkpointing.load(sharded, str(path),
+                                                       strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # dist_checkpointing reports mismatches deep inside torch DCP
         raise ValueError(f"could not load the model checkpoint {path}: {err}") from err
+    # Requested but absent: only `_extra_state` objects may be (transformer-engine keeps FP8
+    # scaling metadata there, e.g. a TE teacher loading a checkpoint converted with the local
+    # spec); they are rebuilt at run time. A missing weight is an error.
+    absent_weights = sorted(k for k in unexpected if "_extra_state" not in k)
+    if absent_weights:
+        raise ValueError(f"the model checkpoint {path} lacks weights {absent_weights[:5]} that "
+                         "this model needs")
     for key, local in repad.items():
         full = state[key]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -155,5 +168,9 @@ def load_model(model, directory: PathLike) -> ModelConfig:
         available = max(0, min(rows, full.shape[0] - start))
         new[:available] = full[start:start + available]
         state[key] = new
-    inner.load_state_dict(state)
+    incompatible = inner.load_state_dict(state, strict=False)
+    not_loaded = [k for k in incompatible.missing_keys if not k.endswith("_extra_state")]
+    if not_loaded or incompatible.unexpected_keys:
+        raise ValueError(f"the model checkpoint {path} does not fit this model: missing "
+                         f"{not_loaded[:5]}, unexpected {incompatible.unexpected_keys[:5]}")
     return saved
