@@ -112,12 +112,15 @@ def _layouts_body(rank, world_size, root):
                 sources["resaved_tp2pp2"] = root / f"tp2pp2_{name}"
             if (tp, pp) == (2, 1) and name == "gemma_mqa":
                 sources["repadded_2048"] = root / f"mg_{name}"
+            if (tp, pp) == (2, 2):
+                sources["sequence_parallel"] = root / f"mg_{name}"
             for source, directory in sources.items():
                 cfg = load_model_config(directory)
                 if source == "repadded_2048":  # a model padded wider than the checkpoint
                     cfg = cfg.replace(padded_vocab_size=2048)
                 model = build_gpt_model(cfg, pre_process=parallel_state.is_pipeline_first_stage(),
-                                        post_process=last, perform_initialization=False)
+                                        post_process=last, perform_initialization=False,
+                                        sequence_parallel=source == "sequence_parallel")
                 load_model(model, directory)
                 model.eval()
                 local = megatron_logits(model, ref["tokens"], gather_tp=False)
@@ -156,6 +159,13 @@ def test_converted_logits_and_loss_match_transformers(layout_results, name, tp, 
     assert result["logit_diff"] <= LOGIT_ATOL
     assert result["loss_diff"] <= LOGIT_ATOL
     assert result["padded_width"] == 1024 and result["padded_logit_max"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma_mqa", "gemma_mha", "llama_gqa", "gpt2"])
+def test_sequence_parallel_tp2pp2_matches_transformers(layout_results, name):
+    result = layout_results[f"{name}/sequence_parallel/tp2pp2"]
+    assert result["logit_diff"] <= LOGIT_ATOL and result["loss_diff"] <= LOGIT_ATOL
 
 
 @pytest.mark.slow
