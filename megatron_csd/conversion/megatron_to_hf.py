@@ -69,6 +69,15 @@ class _ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
 
 
+def resolve_latest(load_dir: PathLike) -> Path:
+    """A trainer save directory (with a `latest` file naming an iter_* folder) -> that folder."""
+    load_dir = Path(load_dir)
+    latest = load_dir / "latest"
+    if not (load_dir / "model_config.json").is_file() and latest.is_file():
+        return load_dir / latest.read_text().strip()
+    return load_dir
+
+
 def _expected_global_shapes(cfg, global_rules, layer_rules) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for rule in global_rules + layer_rules:
@@ -85,8 +94,13 @@ def _expected_global_shapes(cfg, global_rules, layer_rules) -> dict[str, tuple[i
 def convert_megatron_to_hf(load_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None,
                            force: bool = False, tokenizer_dir: Optional[PathLike] = None,
                            max_shard_bytes: int = 2 * 1024 ** 3) -> dict:
-    """Export the model checkpoint in `load_dir` to an HF folder; returns the HF config dict."""
+    """Export the model checkpoint in `load_dir` to an HF folder; returns the HF config dict.
+
+    `load_dir` is a model checkpoint (model_config.json + model/), e.g. a converted teacher or
+    one `iter_*` folder of a training run, or a training save directory (its `latest` one).
+    """
     check_output_dir(out_dir, force)
+    load_dir = resolve_latest(load_dir)
     cfg = load_model_config(load_dir)
     checkpoint = model_checkpoint_dir(load_dir)
     global_rules, layer_rules = conversion_rules(cfg, "transformer." if cfg.family == "gpt2" else "model.")
