@@ -8,10 +8,10 @@ Streams one tensor at a time (peak RAM ~ the largest layer tensor, not the model
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import time
 
 
 def main(argv=None) -> int:

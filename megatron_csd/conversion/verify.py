@@ -109,7 +109,13 @@ def check_conversion(hf_dir, megatron_dir, *, tp: int = 1, pp: int = 1, batch: i
             return None
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
+        import transformers
+
+        # transformers < 4.56 names the argument torch_dtype (and ignores an unknown `dtype`).
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, **{dtype_kwarg: DTYPES[dtype]})
+        hf_model = hf_model.to(device).eval()
         with torch.no_grad():
             hf_logits = hf_model(tokens).logits
         return compare_logits(hf_logits, logits, cfg.vocab_size)
