@@ -1,4 +1,4 @@
-"""CPU-mode companion for Megatron's optimizer: gradient clipping without the CUDA type check.
+"""CPU-mode companions for Megatron's optimizers: gradient clipping, and the distributed optimizer.
 
 Megatron-Core's ``clip_grad_by_total_norm_fp32`` asserts ``param.grad.type() ==
 'torch.cuda.FloatTensor'`` before scaling, so ``clip_grad > 0`` fails on a CPU run even though
@@ -9,7 +9,13 @@ the reference that ``megatron.core.optimizer.optimizer`` uses with the same math
 
 which is what Megatron's fallback ``multi_tensor_scale`` computes element-wise. The norm is
 still Megatron's (model-parallel reduced, shared / TP-duplicated parameters counted once).
-Only active together with ``enable_cpu_mode``; refuses to install when CUDA is available.
+Megatron's DistributedOptimizer (the GPU default) sorts parameters by ``param.type()`` and
+accepts only ``'torch.cuda.FloatTensor'`` / ``'torch.cuda.BFloat16Tensor'`` / ...;
+``enable_cpu_distributed_optimizer`` makes a bare ``Tensor.type()`` call on a CPU tensor report
+the CUDA type name (consistent with the CPU layer, where ``torch.cuda.current_device()`` is
+``"cpu"``), so the GPU optimizer path -- and its checkpoint format -- runs and is tested on CPU.
+Both are only active together with ``enable_cpu_mode``; they refuse to install when CUDA is
+available.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from megatron_csd.parallel.cpu_mode import cpu_mode_enabled
 
 _INSTALLED = False
+_TYPE_PATCHED = False
 
 
 def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -47,3 +54,22 @@ def enable_cpu_grad_clipping() -> None:
 
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
     _INSTALLED = True
+
+
+def enable_cpu_distributed_optimizer() -> None:
+    """Let Megatron's DistributedOptimizer accept CPU parameters (idempotent, CPU mode only)."""
+    global _TYPE_PATCHED
+    if _TYPE_PATCHED:
+        return
+    if torch.cuda.is_available() or not cpu_mode_enabled():
+        raise RuntimeError("enable_cpu_distributed_optimizer() is for CPU mode only")
+    original_type = torch.Tensor.type
+
+    def type_as_if_on_cuda(self, *args, **kwargs):
+        if args or kwargs:
+            return original_type(self, *args, **kwargs)
+        name = original_type(self)
+        return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+
+    torch.Tensor.type = type_as_if_on_cuda
+    _TYPE_PATCHED = True

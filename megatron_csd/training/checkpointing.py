@@ -12,9 +12,10 @@
 Atomicity: every rank writes into ``SAVE/iter_0000040.tmp``; after a barrier global rank 0
 renames it to ``iter_0000040`` and then replaces ``latest`` (write-to-temp + ``os.replace``),
 so a crash at any point leaves the previous checkpoint and its ``latest`` pointer intact.
-Exact resume (bitwise-equal losses) needs the same TP/PP/DP layout; model weights and
-optimizer state re-shard to another layout (RNG then falls back to fresh seeding, with a
-warning).
+Exact resume (bitwise-equal losses) needs the same TP/PP/DP layout. Model weights re-shard to
+any layout; optimizer state re-shards to any layout with the plain optimizer (CPU default) and
+over DP only with the distributed optimizer (GPU default); on another layout RNG falls back to
+fresh seeding, with a warning.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ import torch
 import torch.distributed as dist
 
 LATEST_FILE = "latest"
+# Megatron's distributed optimizer: its own bucket-space layout (fully parallel save/load,
+# re-shards over DP only). megatron-core 0.16.1 cannot reload 'fully_reshardable' or
+# 'fully_sharded_model_space' without Apex/TE (seen on an H100), so those are not used.
+# Ignored by the non-distributed optimizers, whose state is saved per parameter (any layout).
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 STATE_FILE = "trainer_state.json"
 
 
@@ -90,7 +96,8 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier()
     save_model(student, tmp, model_config)
-    optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict())
+    optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict(),
+                                                   metadata=dict(_OPTIMIZER_METADATA))
     dist_checkpointing.save(optimizer_state, os.path.join(tmp, "optimizer"))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{ctx.rank:05d}.pt"))
     if ctx.rank == 0:
@@ -140,6 +147,63 @@ def resolve_checkpoint_dir(load: str) -> str:
     return directory
 
 
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's inner torch Adam its (zero) state tensors.
+
+    Without Apex / Transformer Engine, Megatron's DistributedOptimizer wraps torch's AdamW,
+    whose state is created lazily at the first step; its ``state_dict()`` (called while
+    building the sharded state dict for loading) asserts that every parameter has a step.
+    The placeholders are overwritten by the checkpoint's values.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {"step": torch.tensor(0.0),
+                                      "exp_avg": torch.zeros_like(param),
+                                      "exp_avg_sq": torch.zeros_like(param)}
+
+
+def _saved_adam_steps(loaded: dict) -> list:
+    """Adam step counts stored in a loaded distributed-optimizer state (one per chained optimizer)."""
+    if "optimizer" in loaded:
+        groups = [loaded]
+    else:  # ChainedOptimizer with several optimizers: {index: state}
+        groups = [loaded[key] for key in sorted(k for k in loaded if isinstance(k, int))]
+    steps = []
+    for state in groups:
+        values = {g.get("step") for g in state.get("optimizer", {}).get("param_groups", [])}
+        values.discard(None)
+        steps.append(values.pop() if len(values) == 1 else None)
+    return steps
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Per-parameter Adam ``step`` tensors with the saved count, after a distributed-optimizer load.
+
+    megatron-core 0.16.1, torch-AdamW path (no Apex/TE): ``step`` is a non-persistent entry of
+    the dp_reshardable parameter state, so loading copies the FRESH optimizer's placeholder
+    into it, and ``load_state_dict`` shares one step tensor between all parameters, which
+    torch's foreach AdamW then increments once per parameter. Either way the bias correction
+    after a resume was wrong (seen on an H100: the first step after a load matched, the
+    second did not). The count saved in the param groups is the right one.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt, step in zip(chained, _saved_adam_steps(loaded)):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or step is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
 def load_checkpoint(directory: str, *, student, model_config, optimizer, scheduler, ctx) -> ResumeState:
     """Restore student weights, optimizer, scheduler and RNG; returns the trainer state."""
     from megatron.core import dist_checkpointing
@@ -154,8 +218,13 @@ def load_checkpoint(directory: str, *, student, model_config, optimizer, schedul
     with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     load_model(student, directory)
-    optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict(), is_loading=True)
-    optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, os.path.join(directory, "optimizer")))
+    _materialize_distributed_optimizer_state(optimizer)
+    optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict(), is_loading=True,
+                                                   metadata=dict(_OPTIMIZER_METADATA))
+    loaded = dist_checkpointing.load(optimizer_state, os.path.join(directory, "optimizer"))
+    with torch.no_grad():  # main params are leaves that require grad; loading copies into them
+        optimizer.load_state_dict(loaded)
+    _restore_adam_steps(optimizer, loaded)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = os.path.join(directory, "rng", f"rank_{ctx.rank:05d}.pt")
     if state["layout"] == _layout(ctx) and os.path.isfile(rng_file):

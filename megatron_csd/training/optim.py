@@ -72,6 +72,10 @@ def build_scheduler(optimizer, config: TrainConfig):
         end_wd=opt.weight_decay,
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
+        # On --load only the step count comes from the checkpoint; lr, warmup and decay
+        # follow the current config (so a resumed run may extend or change its schedule).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

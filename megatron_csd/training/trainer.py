@@ -103,8 +103,9 @@ class Trainer:
         if use_dist_opt is None:
             use_dist_opt = self.device_kind == "cuda"
         if use_dist_opt and self.device_kind == "cpu":
-            raise ValueError("the distributed optimizer needs CUDA; set "
-                             "--use-distributed-optimizer false on CPU")
+            from megatron_csd.parallel.cpu_optimizer import enable_cpu_distributed_optimizer
+
+            enable_cpu_distributed_optimizer()
         self.ddp = wrap_ddp(self.stage, transformer_config, use_distributed_optimizer=use_dist_opt)
         self.optimizer = build_optimizer(self.ddp, config.optimizer, params_dtype=self.params_dtype,
                                          use_distributed_optimizer=use_dist_opt)
