@@ -134,6 +134,27 @@ def _local_moments(workspace, gap, exp_weight, valid_width):
     return torch.stack((total, weighted_sum, product.sum(-1)), dim=-1)
 
 
+def masked_rows_none(device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
+def _redo_masked_rows(workspace, zs, zt, spec, width, local_shifts, local, weights_store, row_ids):
+    """Recompute shifts, moments and kept weights of rows that have -inf columns, with the mask."""
+    dtype = local_shifts.dtype
+    maxima, _ = chunk_row_maxima(zs, zt, dtype)
+    local_shifts[row_ids] = maxima.masked_fill_(maxima == float("-inf"), 0.0)
+    every_row = torch.arange(zs.shape[0], device=zs.device)
+    store = None
+    if weights_store is not None:
+        store = _StoredChunk(torch.empty(zs.shape[0], width, dtype=dtype, device=zs.device), fresh=True)
+    gap, exps = _chunk_gap_and_exps(workspace, zs, zt, local_shifts[row_ids], spec.bases, spec.temperature,
+                                    every_row, spec.stored_base, store)
+    for slot, base in enumerate(spec.bases):
+        local[row_ids, 3 * slot:3 * slot + 3] = _local_moments(workspace, gap, exps[base], width)
+    if store is not None:
+        weights_store[row_ids, :width] = store.chunk
+
+
 def _to_global_frame(local_moments, base, local_shifts, global_shifts, temperature):
     """Move one base's [rows, 3] local moments from the local-max frame to the global one, in place.
 
@@ -226,14 +247,22 @@ class _CSDFunction(torch.autograd.Function):
                                         dtype=dtype, device=student.device)
         workspace = ChunkWorkspace(rows, width, dtype, student.device)
         for start, end in (row_chunks(rows, width) if width else []):
-            maxima, masked_rows = chunk_row_maxima(zs[start:end], zt[start:end], dtype)
-            masked[start + masked_rows] = True
-            local_shifts[start:end] = maxima.masked_fill_(maxima == float("-inf"), 0.0)
+            # Fast path: plain row maxima, no column mask. A -inf column makes its row's moments
+            # inf or NaN (0 * -inf, or an infinite gap), so such rows are found afterwards and
+            # redone with masked maxima; this keeps the common case at one max per input.
+            local_shifts[start:end, 0] = zs[start:end].amax(-1)
+            local_shifts[start:end, 1] = zt[start:end].amax(-1)
             store = None if weights_store is None else _StoredChunk(weights_store[start:end, :width], fresh=True)
+            no_rows = masked_rows_none(student.device)
             gap, exps = _chunk_gap_and_exps(workspace, zs[start:end], zt[start:end], local_shifts[start:end],
-                                            bases, spec.temperature, masked_rows, stored, store)
+                                            bases, spec.temperature, no_rows, stored, store)
             for slot, base in enumerate(bases):
                 local[start:end, 3 * slot:3 * slot + 3] = _local_moments(workspace, gap, exps[base], width)
+            redo = (~torch.isfinite(local[start:end]).all(-1)).nonzero().squeeze(-1)
+            if redo.numel():
+                masked[start + redo] = True
+                _redo_masked_rows(workspace, zs[start:end][redo], zt[start:end][redo], spec, width,
+                                  local_shifts, local, weights_store, start + redo)
         local_present = local[:, 0] > 0  # rows with a valid column on this shard
 
         global_shifts = torch.where(local_present.unsqueeze(-1), local_shifts,
