@@ -78,8 +78,8 @@ TENSORBOARD="${TENSORBOARD:-0}"
 
 # ---- embedded default (no TEACHER, no GPU) -------------------------------------------------
 EMBEDDED_DIR="${EMBEDDED_DIR:-runs/embedded_default}"
-EMBEDDED_TEACHER_ITERS="${EMBEDDED_TEACHER_ITERS:-140}"
-EMBEDDED_STUDENT_ITERS="${EMBEDDED_STUDENT_ITERS:-100}"
+EMBEDDED_TEACHER_ITERS="${EMBEDDED_TEACHER_ITERS:-200}"
+EMBEDDED_STUDENT_ITERS="${EMBEDDED_STUDENT_ITERS:-160}"
 EMBEDDED_NUM_TRAIN="${EMBEDDED_NUM_TRAIN:-4000}"
 EMBEDDED_EVAL_SAMPLES="${EMBEDDED_EVAL_SAMPLES:-200}"
 
@@ -127,7 +127,7 @@ embedded_default() {
     --student-preset tiny-gemma --tensor-model-parallel-size 2 \
     --objective csd --csd-weights TS --kd-ratio 1.0 \
     --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_STUDENT_ITERS}" \
-    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((EMBEDDED_STUDENT_ITERS / 10)) --eval-interval 50 \
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((EMBEDDED_STUDENT_ITERS / 10)) --eval-interval 40 \
     --output-dir "${work}/distill" "$@"
   echo "== embedded default finished in $((SECONDS - start)) s; teacher: ${teacher}"
 }
