@@ -111,15 +111,14 @@ class Trainer:
                                          use_distributed_optimizer=use_dist_opt)
         self.scheduler = build_scheduler(self.optimizer, config)
         _configure_schedule(transformer_config, self.ddp, self.optimizer)
-        self.transformer_config = transformer_config
         self.spec = ObjectiveSpec(
             distill=config.distill,
             loss_config=config.loss.loss_config() if config.distill else None,
             kd_ratio=config.loss.kd_ratio, vocab_size=self.plan.vocab_size,
             padded_vocab_size=self.plan.student.padded_vocab_size,
             tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-        tokens_per_rank = config.training.micro_batch_size * self.dp_size
-        self.num_microbatches = config.training.global_batch_size // tokens_per_rank
+        sequences_per_round = config.training.micro_batch_size * self.dp_size
+        self.num_microbatches = config.training.global_batch_size // sequences_per_round
         self.save_dir = config.checkpoint.save or os.path.join(config.logging.output_dir, "checkpoints")
         self._setup_train_iterator()
         self.iteration = 0
