@@ -15,7 +15,7 @@ from typing import Iterator, Tuple
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 19
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
