@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Distil a Gemma teacher into a Gemma student with megatron_csd (a torchrun wrapper).
+# Distil a Gemma teacher into a Gemma student with megatron_csd (a torchrun wrapper; the launcher
+# is `${PYTHON} -m torch.distributed.run`, so PYTHON=/path/to/venv/bin/python picks the interpreter).
 #
 #   bash examples/distill_gemma.sh                      # no GPU, no TEACHER: the embedded default
 #   TEACHER=ckpt/gemma-7b-it STUDENT=ckpt/gemma-2b-it TRAIN_DATA=dolly/train.jsonl \
@@ -77,7 +78,7 @@ LOG_INTERVAL="${LOG_INTERVAL:-10}"
 TENSORBOARD="${TENSORBOARD:-0}"
 
 # ---- embedded default (no TEACHER, no GPU) -------------------------------------------------
-EMBEDDED_DIR="${EMBEDDED_DIR:-runs/embedded_default}"
+EMBEDDED_DIR="${EMBEDDED_DIR:-runs/embedded_default}"  # made (and re-made) by the script only
 EMBEDDED_TEACHER_ITERS="${EMBEDDED_TEACHER_ITERS:-200}"
 EMBEDDED_STUDENT_ITERS="${EMBEDDED_STUDENT_ITERS:-160}"
 EMBEDDED_NUM_TRAIN="${EMBEDDED_NUM_TRAIN:-4000}"
@@ -92,16 +93,34 @@ launch() {  # launch NPROC trainer-args...
   if [[ -z "${port}" ]]; then
     if [[ "${NNODES}" == 1 ]]; then port="$(free_port)"; else port=29500; fi
   fi
-  torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --master-addr "${MASTER_ADDR}" \
+  "${PYTHON}" -m torch.distributed.run --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --master-addr "${MASTER_ADDR}" \
     --master-port "${port}" --nproc-per-node "${nproc}" -m megatron_csd.training.cli "$@"
+}
+
+EMBEDDED_MARKER=".megatron_csd_embedded_default"
+
+prepare_embedded_dir() {  # a fresh, empty work dir; deletes only a dir this script made earlier
+  local work="$1"
+  if [[ -e "${work}" ]]; then
+    if [[ -f "${work}/${EMBEDDED_MARKER}" ]]; then
+      rm -rf "${work}"
+    elif [[ -d "${work}" && -z "$(ls -A "${work}")" ]]; then
+      rmdir "${work}"
+    else
+      echo "distill_gemma.sh: EMBEDDED_DIR=${work} exists and was not made by this script" \
+           "(no ${EMBEDDED_MARKER} in it); not deleting it. Remove it or choose another EMBEDDED_DIR." >&2
+      exit 2
+    fi
+  fi
+  mkdir -p "${work}"
+  : > "${work}/${EMBEDDED_MARKER}"
 }
 
 embedded_default() {
   local work="${EMBEDDED_DIR}" start=${SECONDS}
   echo "== megatron_csd embedded default: toy data -> SFT teacher -> CSD distillation at TP=2 (CPU, gloo)"
   echo "== working directory: ${work}"
-  rm -rf "${work}"
-  mkdir -p "${work}"
+  prepare_embedded_dir "${work}"
   "${PYTHON}" -m megatron_csd.data.toy --out "${work}/data" --num-train "${EMBEDDED_NUM_TRAIN}" --num-valid 400
   "${PYTHON}" "${REPO_DIR}/tools/prepare_data.py" --input "${work}/data/train.jsonl" \
     --valid-input "${work}/data/valid.jsonl" --tokenizer "${work}/data/tokenizer.model" \

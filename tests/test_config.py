@@ -109,3 +109,48 @@ def test_unknown_flag_exits_with_usage():
     with pytest.raises(SystemExit) as exc:
         parse_config(BASE + ["--tensor-parallel", "2"])
     assert exc.value.code == 2
+
+
+def test_exponent_numbers_parse_as_floats_in_yaml_overrides_and_flags(tmp_path):
+    """PyYAML alone reads ``1e-5`` (no dot) as a string; the config loader reads a float."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  lr: 1e-5\n  min_lr: 1E-6\n  adam_eps: 1e-8\n"
+                    "loss:\n  temperature: 2e+0\n"
+                    "student:\n  preset: tiny-gemma\n  overrides:\n    norm_epsilon: 3E-4\n")
+    assert isinstance(yaml.safe_load(path.read_text())["optimizer"]["lr"], str)  # the trap
+    config = parse_config(["--teacher-preset", "tiny-gemma", "--train-data", "train",
+                           "--tokenizer", "tok.model", "--config", str(path),
+                           "--student-override", "init_method_std=2e-2", "--weight-decay", "1e-1"])
+    assert config.optimizer.lr == 1e-5 and config.optimizer.min_lr == 1e-6
+    assert config.optimizer.adam_eps == 1e-8 and config.loss.temperature == 2.0
+    assert config.optimizer.weight_decay == 0.1
+    assert config.student.overrides == {"norm_epsilon": 3e-4, "init_method_std": 0.02}
+    assert all(isinstance(v, float) for v in config.student.overrides.values())
+    # Integers, words and the usual dotted floats are unchanged.
+    again = parse_config(BASE + ["--student-override", "num_layers=4", "--student-override",
+                                 "activation=gelu", "--student-override", "hidden_dropout=0.1"])
+    assert again.student.overrides == {"num_layers": 4, "activation": "gelu", "hidden_dropout": 0.1}
+    assert isinstance(again.student.overrides["num_layers"], int)
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_model_source_flags_replace_the_yaml_source(tmp_path, role):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "student": {"preset": "tiny-gemma", "overrides": {"hidden_size": 32}},
+        "teacher": {"checkpoint": "yaml_teacher"},
+        "data": {"train_path": "train", "tokenizer": "tok.model"}}))
+    # A checkpoint flag replaces the YAML preset (and that preset's overrides) ...
+    config = parse_config(["--config", str(path), f"--{role}-checkpoint", "flag_ckpt"])
+    assert getattr(config, role).checkpoint == "flag_ckpt"
+    assert getattr(config, role).preset is None and getattr(config, role).overrides == {}
+    # ... and a preset flag replaces the YAML checkpoint.
+    config = parse_config(["--config", str(path), f"--{role}-preset", "tiny-gemma"])
+    assert getattr(config, role).preset == "tiny-gemma"
+    assert getattr(config, role).checkpoint is None
+    # The other model keeps its YAML source; both flags at once are still an error.
+    other = "teacher" if role == "student" else "student"
+    assert getattr(config, other) == parse_config(["--config", str(path)]).__getattribute__(other)
+    with pytest.raises(ValueError, match="not both"):
+        parse_config(["--config", str(path), f"--{role}-preset", "tiny-gemma",
+                      f"--{role}-checkpoint", "flag_ckpt"])

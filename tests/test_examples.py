@@ -2,15 +2,19 @@
 
 Same steps as the real default (toy data + tokenizer, SFT of the tiny Gemma teacher with DP=2,
 CSD distillation into the smaller student at TP=2 on gloo), with fewer records and iterations.
-Checks the script's promises: before/after held-out losses printed, checkpoint and metrics
-written where it says, the distilled student checkpoint in the model-only layout.
+Checks the script's promises: before/after held-out losses printed (and the student's
+held-out response CE went down), checkpoint and metrics written where it says, the distilled
+student checkpoint in the model-only layout and exportable to a Hugging Face model that loads;
+every launch goes through ``$PYTHON``; a foreign EMBEDDED_DIR is never deleted.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -18,10 +22,36 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+def _python_wrapper(tmp_path) -> tuple[str, str]:
+    """A PYTHON that logs its arguments, then runs this interpreter."""
+    log = tmp_path / "python_calls.log"
+    wrapper = tmp_path / "logging_python"
+    wrapper.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return str(wrapper), str(log)
+
+
+def test_embedded_default_refuses_to_delete_a_foreign_directory(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    env = dict(os.environ, EMBEDDED_DIR=str(foreign), CUDA_VISIBLE_DEVICES="")
+    env.pop("TEACHER", None)
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples", "distill_gemma.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "was not made by this script" in proc.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
 def test_embedded_default_runs_end_to_end(tmp_path):
-    env = dict(os.environ, EMBEDDED_DIR=str(tmp_path / "default"), EMBEDDED_TEACHER_ITERS="4",
+    python, python_log = _python_wrapper(tmp_path)
+    work = tmp_path / "default"
+    work.mkdir()  # an existing empty directory is fine to use
+    env = dict(os.environ, EMBEDDED_DIR=str(work), EMBEDDED_TEACHER_ITERS="4",
                EMBEDDED_STUDENT_ITERS="3", EMBEDDED_NUM_TRAIN="300", EMBEDDED_EVAL_SAMPLES="16",
-               CUDA_VISIBLE_DEVICES="")
+               CUDA_VISIBLE_DEVICES="", PYTHON=python)
     env.pop("TEACHER", None)
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", "distill_gemma.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -48,3 +78,25 @@ def test_embedded_default_runs_end_to_end(tmp_path):
         assert key in train[-1]
     # The teacher was really trained first: its held-out CE is below the untrained student's.
     assert valid[0]["teacher_ce"] < valid[0]["ce"]
+    # Distillation helped the student on held-out data.
+    assert valid[-1]["ce"] < valid[0]["ce"]
+    # Both launches used $PYTHON (torch.distributed.run), not a torchrun found on PATH.
+    with open(python_log) as handle:
+        launches = [line for line in handle if line.startswith("-m torch.distributed.run")]
+    assert len(launches) == 2
+    # The distilled student exports to a Hugging Face folder that transformers loads and runs.
+    _check_export_loads(os.path.dirname(checkpoint), str(tmp_path / "hf"))
+
+
+def _check_export_loads(save_dir: str, out_dir: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_csd.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    convert_megatron_to_hf(save_dir, out_dir)  # via `latest`
+    model = AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    with torch.no_grad():
+        logits = model(torch.tensor([[2, 10, 11, 12]])).logits
+    assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()

@@ -11,7 +11,9 @@
 
 Atomicity: every rank writes into ``SAVE/iter_0000040.tmp``; after a barrier global rank 0
 renames it to ``iter_0000040`` and then replaces ``latest`` (write-to-temp + ``os.replace``),
-so a crash at any point leaves the previous checkpoint and its ``latest`` pointer intact.
+so a crash at any point leaves the previous checkpoint and its ``latest`` pointer intact. The
+directory ``latest`` names is never renamed or deleted: re-saving that same iteration publishes
+``iter_0000040.alt`` instead (see :func:`publish_checkpoint`); readers follow ``latest``.
 Exact resume (bitwise-equal losses) needs the same TP/PP/DP layout. Model weights re-shard to
 any layout; optimizer state re-shards to any layout with the plain optimizer (CPU default) and
 over DP only with the distributed optimizer (GPU default); on another layout RNG falls back to
@@ -36,6 +38,7 @@ LATEST_FILE = "latest"
 # Ignored by the non-distributed optimizers, whose state is saved per parameter (any layout).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 STATE_FILE = "trainer_state.json"
+ALTERNATE_SUFFIX = ".alt"  # second name of an iteration directory, used when re-saving it
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -114,18 +117,42 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
             if os.path.isfile(source):
                 shutil.copy2(source, os.path.join(tmp, os.path.basename(source)))
     dist.barrier()
-    if ctx.rank == 0:
-        if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): keep it until replaced
-            aside = final + ".old"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside)
-        else:
-            os.replace(tmp, final)
-        _write_text_atomic(os.path.join(save_dir, LATEST_FILE), iteration_dir_name(iteration) + "\n")
+    published = publish_checkpoint(save_dir, tmp, iteration) if ctx.rank == 0 else None
+    names = [published]
+    dist.broadcast_object_list(names, src=0)
     dist.barrier()
-    return final
+    return names[0]
+
+
+def _read_latest(save_dir: str) -> Optional[str]:
+    path = os.path.join(save_dir, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().strip()
+
+
+def publish_checkpoint(save_dir: str, tmp: str, iteration: int) -> str:
+    """Move the complete ``tmp`` into place as checkpoint ``iteration`` and point ``latest`` at it.
+
+    Invariant: ``latest`` only ever names a complete directory, whatever step a crash hits.
+    A directory is never renamed or deleted while ``latest`` names it, so a re-save of the
+    iteration ``latest`` already names goes to the alternate name ``iter_N.alt`` (then the
+    next re-save goes back to ``iter_N``); ``latest`` switches with one atomic ``os.replace``
+    and the superseded copy is deleted afterwards. Returns the published directory.
+    """
+    base = iteration_dir_name(iteration)
+    current = _read_latest(save_dir)
+    name = base if current != base else base + ALTERNATE_SUFFIX
+    target = os.path.join(save_dir, name)
+    if os.path.exists(target):  # not named by latest: a stale copy (e.g. a crash before latest moved)
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    _write_text_atomic(os.path.join(save_dir, LATEST_FILE), name + "\n")
+    for other in (base, base + ALTERNATE_SUFFIX):  # the superseded copy of this iteration
+        if other != name and os.path.exists(os.path.join(save_dir, other)):
+            shutil.rmtree(os.path.join(save_dir, other))
+    return target
 
 
 def resolve_checkpoint_dir(load: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Optional, Sequence
 
@@ -25,6 +26,31 @@ _TOP_LEVEL_FLAGS = {
     "precision": ("--precision", "fp32 | bf16 | fp16 | auto"),
     "fp8_teacher": ("--fp8-teacher", "run the teacher in FP8: hybrid | e4m3 (GPU + transformer-engine)"),
 }
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (``1e-5``, ``3E-4``, ``2e+3``).
+
+    PyYAML follows YAML 1.1, whose float pattern requires a ``.``; ``lr: 1e-5`` would come back
+    as the string ``'1e-5'``. YAML 1.2 and every other tool read it as a number, so we do too.
+    """
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                  |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml_text(text) -> Any:
+    """``yaml.safe_load`` that reads ``1e-5`` as a float (see :class:`_ConfigLoader`)."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _parse_bool(text: str) -> bool:
@@ -60,7 +86,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a ModelConfig field), got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), load_yaml_text(value)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -126,10 +152,30 @@ def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as handle:
-        tree = yaml.safe_load(handle) or {}
+        tree = load_yaml_text(handle) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"config file {path!r} must hold a mapping at top level")
     return tree
+
+
+def _let_model_flags_replace_yaml_source(tree: dict, namespace: argparse.Namespace) -> None:
+    """Flags win over YAML for where a model comes from, too.
+
+    ``--student-checkpoint`` replaces a YAML ``student.preset`` (and that preset's
+    ``overrides``); ``--student-preset`` replaces a YAML ``student.checkpoint``. Same for the
+    teacher. Giving both flags is still the "not both" error of :class:`ModelRef`.
+    """
+    for role in ("student", "teacher"):
+        section = tree.get(role)
+        if not isinstance(section, dict):
+            continue
+        preset_flag = getattr(namespace, f"{role}.preset") is not None
+        checkpoint_flag = getattr(namespace, f"{role}.checkpoint") is not None
+        if checkpoint_flag and not preset_flag:
+            section.pop("preset", None)
+            section.pop("overrides", None)
+        elif preset_flag and not checkpoint_flag:
+            section.pop("checkpoint", None)
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -137,6 +183,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     parser = build_arg_parser()
     namespace = parser.parse_args(argv)
     tree: dict[str, Any] = load_yaml(namespace.config) if namespace.config else {}
+    _let_model_flags_replace_yaml_source(tree, namespace)
     for dest, value in vars(namespace).items():
         if dest == "config" or value is None:
             continue

@@ -15,6 +15,12 @@ The teacher is held outside the module tree (``_frozen`` list), so ``parameters(
 gradient buffers and no optimizer state. Megatron's schedule and ``finalize_model_grads``
 reach the student through ``.module`` (``get_attr_wrapped_model``). In SFT mode the teacher is
 absent and the stage is a thin pass-through.
+
+Teacher timing (``timed=True``) measures the teacher forward of THIS stage only (this rank's
+teacher layers), summed over the microbatches since :meth:`reset_teacher_time`. It never
+synchronises the GPU: on CUDA each forward is bracketed by a pair of ``torch.cuda.Event``
+records and the pairs are read once, by :meth:`teacher_forward_seconds` (after the step's own
+synchronise); on CPU it is wall time.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class DistillationStage(torch.nn.Module):
         self.teacher_hidden = teacher_hidden if teacher is not None else 0
         self.post_process = post_process
         self.timed = timed
-        self.teacher_forward_seconds = 0.0
+        self._teacher_wall_seconds = 0.0
+        self._teacher_events: list = []  # (start, end) torch.cuda.Event pairs, read lazily
         if teacher is not None:
             if any(p.requires_grad for p in teacher.parameters()):
                 raise ValueError("the teacher must be frozen (freeze_teacher) before it joins a stage")
@@ -45,6 +52,31 @@ class DistillationStage(torch.nn.Module):
     @property
     def teacher(self) -> Optional[torch.nn.Module]:
         return self._frozen[0] if self._frozen else None
+
+    def start_teacher_pass(self) -> None:
+        """Call once before each forward-backward pass (a training step or an evaluation).
+
+        Tells the teacher's Transformer-Engine layers that the next microbatch is the first of
+        the pass (``set_is_first_microbatch``), so an FP8 teacher casts its frozen weights to
+        FP8 once per pass and reuses the cast for the other microbatches. Megatron's schedule
+        only makes this call on the DDP-wrapped student. A no-op for the local (non-TE) spec,
+        where GPTModel's method returns without effect, and without a teacher.
+        """
+        teacher = self.teacher
+        if teacher is not None and hasattr(teacher, "set_is_first_microbatch"):
+            teacher.set_is_first_microbatch()
+
+    def reset_teacher_time(self) -> None:
+        self._teacher_wall_seconds = 0.0
+        self._teacher_events = []
+
+    def teacher_forward_seconds(self) -> float:
+        """Teacher forward time of this stage since the last reset (reads pending CUDA events)."""
+        seconds = self._teacher_wall_seconds
+        for start, end in self._teacher_events:
+            end.synchronize()  # already complete after the step's synchronise: no extra wait
+            seconds += start.elapsed_time(end) / 1000.0
+        return seconds
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -69,13 +101,18 @@ class DistillationStage(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask=None):
         if self.teacher is None:
             return self.module(input_ids, position_ids, attention_mask)
-        start = time.perf_counter() if self.timed else 0.0
+        on_cuda = self.timed and next(self.teacher.parameters()).is_cuda
+        if on_cuda:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        start = time.perf_counter()
         with torch.no_grad():
             teacher_out = self.teacher(input_ids, position_ids, attention_mask)
-        if self.timed:
-            if teacher_out.is_cuda:
-                torch.cuda.synchronize()
-            self.teacher_forward_seconds += time.perf_counter() - start
+        if on_cuda:
+            events[1].record()
+            self._teacher_events.append(events)
+        elif self.timed:
+            self._teacher_wall_seconds += time.perf_counter() - start
         student_out = self.module(input_ids, position_ids, attention_mask)
         if self.post_process:
             return student_out, teacher_out

@@ -122,6 +122,9 @@ class Trainer:
         self.save_dir = config.checkpoint.save or os.path.join(config.logging.output_dir, "checkpoints")
         self._setup_train_iterator()
         self.iteration = 0
+        # (iteration, directory) of a checkpoint in save_dir that holds the current state:
+        # written by this run, or the one just loaded when it is save_dir's latest.
+        self.checkpoint_on_disk: Optional[tuple] = None
         if config.checkpoint.load is not None:
             self._resume(config.checkpoint.load)
 
@@ -143,7 +146,20 @@ class Trainer:
                                 optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
+        if self._is_latest_of_save_dir(directory):
+            self.checkpoint_on_disk = (self.iteration, directory)
         self.writer.print(f"[megatron_csd] resumed from {directory} at iteration {self.iteration}")
+
+    def _is_latest_of_save_dir(self, directory: str) -> bool:
+        """Whether ``directory`` is what ``latest`` of this run's save dir names (a relaunch)."""
+        from megatron_csd.training.checkpointing import LATEST_FILE
+
+        latest = os.path.join(self.save_dir, LATEST_FILE)
+        if not os.path.isfile(latest):
+            return False
+        with open(latest, encoding="utf-8") as handle:
+            named = os.path.join(self.save_dir, handle.read().strip())
+        return os.path.realpath(named) == os.path.realpath(directory)
 
     # ----------------------------------------------------------------- steps
     def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool):
@@ -176,7 +192,8 @@ class Trainer:
         self.scheduler.step(increment=1)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self.stage.teacher_forward_seconds = 0.0
+        self.stage.reset_teacher_time()
+        self.stage.start_teacher_pass()
         start = time.perf_counter()
         outputs = self._forward_backward(self.train_iterator, self.num_microbatches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
@@ -198,7 +215,9 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
         })
         if self.stage.teacher is not None:
-            record["teacher_forward_s"] = self.stage.teacher_forward_seconds
+            # The teacher layers of THIS rank's pipeline stage only (the whole teacher when
+            # PP = 1); the logging rank (global rank 0) is on the first stage.
+            record["teacher_forward_s"] = self.stage.teacher_forward_seconds()
         return record
 
     def evaluate(self) -> dict:
@@ -209,6 +228,7 @@ class Trainer:
         self.ddp.eval()
         iterator, count = eval_iterator(self.data.valid, self.config, dp_rank=self.ctx.dp_rank,
                                         dp_size=self.dp_size, device=self.ctx.device)
+        self.stage.start_teacher_pass()
         with torch.no_grad():
             outputs = self._forward_backward(iterator, count, forward_only=True)
         self.ddp.train()
@@ -220,11 +240,13 @@ class Trainer:
     def save(self) -> str:
         from megatron_csd.training.checkpointing import save_checkpoint
 
-        return save_checkpoint(self.save_dir, self.iteration, student=self.student,
-                               model_config=self.plan.student, optimizer=self.optimizer,
-                               scheduler=self.scheduler,
-                               sampler_state=self.train_batches.state_dict(), ctx=self.ctx,
-                               tokenizer_path=self.config.data.tokenizer)
+        directory = save_checkpoint(self.save_dir, self.iteration, student=self.student,
+                                    model_config=self.plan.student, optimizer=self.optimizer,
+                                    scheduler=self.scheduler,
+                                    sampler_state=self.train_batches.state_dict(), ctx=self.ctx,
+                                    tokenizer_path=self.config.data.tokenizer)
+        self.checkpoint_on_disk = (self.iteration, directory)
+        return directory
 
     # ----------------------------------------------------------------- loop
     def _console_valid(self, record: dict) -> str:
@@ -270,7 +292,7 @@ class Trainer:
         eval_interval = config.training.eval_interval
         if config.training.eval_at_start and self.iteration == 0:
             self._validate(result)
-        last_saved = None
+        saved_this_run = None
         while self.iteration < train_iters:
             record = self.train_step()
             result.train_losses.append(record["loss"])
@@ -282,12 +304,15 @@ class Trainer:
                 self._validate(result)
             interval = config.checkpoint.save_interval
             if interval and self.iteration % interval == 0:
-                last_saved = self.save()
+                saved_this_run = self.save()
         self._validate(result)
         self._summary(result.validation)
-        final_name = f"iter_{self.iteration:07d}"
-        if config.checkpoint.save_final and (last_saved is None or not last_saved.endswith(final_name)):
-            last_saved = self.save()
+        on_disk = self.checkpoint_on_disk
+        current = on_disk[1] if on_disk is not None and on_disk[0] == self.iteration else None
+        if config.checkpoint.save_final and current is None:
+            current = saved_this_run = self.save()
+        # A relaunch of a finished run (--load of its own latest) re-saves nothing.
+        last_saved = current or saved_this_run
         result.checkpoint = last_saved
         result.last_iteration = self.iteration
         if last_saved is not None:
