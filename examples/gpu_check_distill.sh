@@ -10,18 +10,19 @@
 set -euo pipefail
 OUT="${1:?usage: gpu_check_distill.sh OUT_DIR}"
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="${REPO_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
 WORK="${WORK:-/tmp/gpu_check}"
 rm -rf "${WORK}" && mkdir -p "${WORK}" "${OUT}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "${OUT}/gpu.txt"
-python3 -m megatron_csd.data.toy --out "${WORK}/data"
-python3 "${REPO_DIR}/tools/prepare_data.py" --input "${WORK}/data/train.jsonl" \
+"${PYTHON}" -m megatron_csd.data.toy --out "${WORK}/data"
+"${PYTHON}" "${REPO_DIR}/tools/prepare_data.py" --input "${WORK}/data/train.jsonl" \
   --valid-input "${WORK}/data/valid.jsonl" --tokenizer "${WORK}/data/tokenizer.model" \
   --out "${WORK}/data/prepared" --seq-length 80 --quiet
 
 run() {  # run NAME args...
   local name="$1"; shift
-  torchrun --nproc-per-node 1 --master-port 29517 -m megatron_csd.training.cli \
+  "${PYTHON}" -m torch.distributed.run --nproc-per-node 1 --master-port 29517 -m megatron_csd.training.cli \
     --device cuda --precision bf16 --use-distributed-optimizer true \
     --tokenizer "${WORK}/data/tokenizer.model" --train-data "${WORK}/data/prepared/train" \
     --valid-data "${WORK}/data/prepared/valid" --seq-length 80 --eval-samples 128 \
@@ -36,7 +37,7 @@ if [[ "${SKIP_REPEAT:-0}" != 1 ]]; then  # same run again: GPU run-to-run noise 
   run repeat --save-interval 0 --save-final false
 fi
 run resumed --load "${WORK}/straight/checkpoints/iter_0000010"
-python3 - "${WORK}" <<'EOF' | tee "${OUT}/resume_compare.txt"
+"${PYTHON}" - "${WORK}" <<'EOF' | tee "${OUT}/resume_compare.txt"
 import json, sys
 work = sys.argv[1]
 def train(name):

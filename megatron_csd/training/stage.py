@@ -66,6 +66,9 @@ class DistillationStage(torch.nn.Module):
         if teacher is not None and hasattr(teacher, "set_is_first_microbatch"):
             teacher.set_is_first_microbatch()
 
+    def _teacher_on_cuda(self) -> bool:
+        return any(p.is_cuda for p in self.teacher.parameters())
+
     def reset_teacher_time(self) -> None:
         self._teacher_wall_seconds = 0.0
         self._teacher_events = []
@@ -101,7 +104,7 @@ class DistillationStage(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask=None):
         if self.teacher is None:
             return self.module(input_ids, position_ids, attention_mask)
-        on_cuda = self.timed and next(self.teacher.parameters()).is_cuda
+        on_cuda = self.timed and self._teacher_on_cuda()
         if on_cuda:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()

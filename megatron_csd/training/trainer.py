@@ -8,6 +8,10 @@ Per iteration: the lr schedule steps, Megatron's forward-backward schedule runs
 count, the Megatron optimizer clips and steps. Losses are per-token means over the global
 batch (see objective.py). Validation runs the forward-only schedule over the held-out split.
 Metrics go to the console and ``OUTPUT_DIR/metrics.jsonl``; checkpoints to ``checkpoint.save``.
+``teacher_forward_s`` is the teacher forward time of the logging rank's pipeline stage (global
+rank 0, the first stage; the whole teacher when PP = 1), summed over the step's microbatches,
+measured without extra GPU synchronisation (see stage.py). Before every training step and
+every evaluation pass the teacher's ``set_is_first_microbatch`` is called (FP8 weight caching).
 """
 from __future__ import annotations
 
