@@ -8,9 +8,10 @@ For each objective: forward + backward wall time of `megatron_csd.losses.distill
   * a straightforward dense PyTorch implementation of the same objective, the way the CSD
     authors' code computes it (full softmaxes and elementwise [tokens, V] tensors, autograd).
 
-Method: one warm-up run excluded, then the median of `--repeats` (>= 5) runs; every run gets
-fresh clones of the inputs (Megatron's CE overwrites its input) made outside the timed region.
-Ratios are taken within the same run. Peak memory is the peak RSS of a fresh subprocess minus
+Method: one warm-up run of each method excluded, then `--repeats` (>= 5) rounds in which the
+methods alternate run by run (so they share the machine's conditions); times are medians and
+ratios are medians of the per-round ratios. Every run gets fresh clones of the inputs (Megatron's
+CE overwrites its input) made outside the timed region. Peak memory is the peak RSS of a fresh subprocess minus
 its RSS once the inputs exist, in MB and in units of one fp32 [tokens, V] buffer (the student
 gradient itself is one such buffer). TP = 2 runs in two gloo processes, each rank timing its
 shard with barriers around every run. The V sweep times CSD SS at growing V to show linear cost.
@@ -119,9 +120,18 @@ def run_once(method, student, teacher, targets, cfg, tp_group):
     return time.perf_counter() - start
 
 
-def median_time(method, student, teacher, targets, cfg, repeats, tp_group=None):
-    run_once(method, student, teacher, targets, cfg, tp_group)  # warm-up, excluded
-    return statistics.median(run_once(method, student, teacher, targets, cfg, tp_group) for _ in range(repeats))
+def interleaved_times(methods, student, teacher, targets, cfg, repeats, tp_group=None):
+    """Median seconds per method, the methods alternating run by run so that they share the
+    machine's conditions, plus the median of the per-round ratios of each method to the first."""
+    for method in methods:  # warm-up, excluded
+        run_once(method, student, teacher, targets, cfg, tp_group)
+    rounds = [[run_once(method, student, teacher, targets, cfg, tp_group) for method in methods]
+              for _ in range(repeats)]
+    medians = {method: statistics.median(r[i] for r in rounds) for i, method in enumerate(methods)}
+    ratios = {method: statistics.median(r[i] / r[0] for r in rounds) for i, method in enumerate(methods)}
+    if len(methods) > 2:  # the third method against the second, e.g. dense / ours
+        ratios[f"{methods[2]}/{methods[1]}"] = statistics.median(r[2] / r[1] for r in rounds)
+    return medians, ratios
 
 
 def _init_single_process_megatron(port):
@@ -189,9 +199,11 @@ def _tp_worker(rank, world_size, port, tokens, vocab, names, repeats, queue):
     local = vocab // world_size
     columns = slice(rank * local, (rank + 1) * local)
     student, teacher = student[:, columns].contiguous(), teacher[:, columns].contiguous()
-    results = {"megatron_ce": median_time("megatron_ce", student, teacher, targets, None, repeats, group)}
+    results = {}
     for name in names:
-        results[name] = median_time("ours", student, teacher, targets, OBJECTIVES[name], repeats, group)
+        times, ratios = interleaved_times(("megatron_ce", "ours"), student, teacher, targets, OBJECTIVES[name],
+                                          repeats, group)
+        results[name] = (times["megatron_ce"], times["ours"], ratios["ours"])
     if rank == 0:
         queue.put(results)
     dist.barrier()
@@ -243,24 +255,23 @@ def main(argv=None):
     tokens, vocab = args.tokens, args.vocab
     buffer_mb = tokens * vocab * 4 / 2**20
     print(f"# distillation loss benchmark: tokens={tokens} V={vocab} fp32, torch threads={torch.get_num_threads()}, "
-          f"median of {args.repeats} runs after 1 warm-up; one fp32 [tokens, V] buffer = {buffer_mb:.0f} MB")
+          f"{args.repeats} interleaved rounds after 1 warm-up each; one fp32 [tokens, V] buffer = {buffer_mb:.0f} MB")
     _init_single_process_megatron(_free_port())
     student, teacher, targets = make_inputs(tokens, vocab)
-    ce_time = median_time("megatron_ce", student, teacher, targets, None, args.repeats)
     ce_mem = None if args.no_memory else measure_memory("megatron_ce", "ce", tokens, vocab)
-    print(f"\n## TP = 1\nMegatron vocab_parallel_cross_entropy fwd+bwd: {ce_time * 1e3:.0f} ms"
-          + ("" if ce_mem is None else f", peak extra RSS {ce_mem / 2**20:.0f} MB"))
-    header = "| objective | ours ms | dense ms | ours / Megatron CE | dense / ours |"
-    rule = "|---|---|---|---|---|"
+    print("\n## TP = 1\nEach row alternates Megatron CE, ours and dense run by run; ratios are medians of the "
+          "per-round ratios." + ("" if ce_mem is None else f" Megatron CE peak extra RSS: {ce_mem / 2**20:.0f} MB."))
+    header = "| objective | Megatron CE ms | ours ms | dense ms | ours / Megatron CE | dense / ours |"
+    rule = "|---|---|---|---|---|---|"
     if not args.no_memory:
         header += " ours extra MB (buffers) | dense extra MB (buffers) |"
         rule += "---|---|"
     print(header + "\n" + rule)
     for name in names:
         cfg = OBJECTIVES[name]
-        ours = median_time("ours", student, teacher, targets, cfg, args.repeats)
-        dense = median_time("dense", student, teacher, targets, cfg, args.repeats)
-        row = f"| {name} | {ours * 1e3:.0f} | {dense * 1e3:.0f} | {ours / ce_time:.2f} | {dense / ours:.2f} |"
+        times, ratios = interleaved_times(("megatron_ce", "ours", "dense"), student, teacher, targets, cfg, args.repeats)
+        row = (f"| {name} | {times['megatron_ce'] * 1e3:.0f} | {times['ours'] * 1e3:.0f} | {times['dense'] * 1e3:.0f} |"
+               f" {ratios['ours']:.2f} | {ratios['dense/ours']:.2f} |")
         if not args.no_memory:
             ours_mem, dense_mem = measure_memory("ours", name, tokens, vocab), measure_memory("dense", name, tokens, vocab)
             row += (f" {ours_mem / 2**20:.0f} ({ours_mem / 2**20 / buffer_mb:.2f}) |"
@@ -270,10 +281,11 @@ def main(argv=None):
     if not args.no_tp2:
         tp_names = [n for n in names if n in ("csd-SS", "csd-TS", "rkl", "fkl")] or names[:1]
         results = bench_tp2(tokens, vocab, tp_names, args.repeats)
-        print(f"\n## TP = 2 (gloo, 2 processes, V/2 columns each)\nMegatron vocab_parallel_cross_entropy fwd+bwd: "
-              f"{results['megatron_ce'] * 1e3:.0f} ms\n| objective | ours ms | ours / Megatron CE |\n|---|---|---|")
+        print("\n## TP = 2 (gloo, 2 processes, V/2 columns each; rank 0's times, barriers around each run)\n"
+              "| objective | Megatron CE ms | ours ms | ours / Megatron CE |\n|---|---|---|---|")
         for name in tp_names:
-            print(f"| {name} | {results[name] * 1e3:.0f} | {results[name] / results['megatron_ce']:.2f} |")
+            ce_ms, ours_ms, ratio = results[name]
+            print(f"| {name} | {ce_ms * 1e3:.0f} | {ours_ms * 1e3:.0f} | {ratio:.2f} |")
 
     sweep = [int(v) for v in args.sweep.split(",") if v]
     if sweep:
@@ -281,10 +293,10 @@ def main(argv=None):
         first = None
         for v in sweep:
             s, t, y = make_inputs(tokens, v)
-            ours = median_time("ours", s, t, y, OBJECTIVES["csd-SS"], args.repeats)
-            ce = median_time("megatron_ce", s, t, y, None, args.repeats)
-            first = first or ours
-            print(f"| {v} | {ours * 1e3:.0f} | {ce * 1e3:.0f} | {ours / ce:.2f} | {ours / first:.2f} |", flush=True)
+            times, ratios = interleaved_times(("megatron_ce", "ours"), s, t, y, OBJECTIVES["csd-SS"], args.repeats)
+            first = first or times["ours"]
+            print(f"| {v} | {times['ours'] * 1e3:.0f} | {times['megatron_ce'] * 1e3:.0f} | {ratios['ours']:.2f} |"
+                  f" {times['ours'] / first:.2f} |", flush=True)
     dist.destroy_process_group()
 
 
