@@ -245,6 +245,7 @@ def _edit_tensors(directory, edit):
     ("shape_mismatch", "q_proj.weight.*shape"),
     ("tp_heads", "must divide num_attention_heads"),
     ("tp_groups", "must divide num_query_groups"),
+    ("tp_groups_replicated", r"must be a multiple of num_query_groups \(3\).*sizes for this model: \[1, 3, 6, 12\]"),
     ("rope_scaling", "RoPE scaling"),
     ("no_weights", "no weights found"),
     ("no_config", "no config.json"),
@@ -268,6 +269,10 @@ def test_import_bad_inputs_are_clear_errors(workdir, tmp_path, case, match):
     elif case == "tp_groups":
         _edit_config(hf_dir, num_attention_heads=6, num_key_value_heads=3, head_dim=16)
         tp = 2
+    elif case == "tp_groups_replicated":  # 3 KV heads cannot be replicated evenly over 4 ranks
+        _edit_config(hf_dir, num_attention_heads=12, num_key_value_heads=3, head_dim=16,
+                     intermediate_size=192, vocab_size=3072)
+        tp = 4
     elif case == "rope_scaling":
         _edit_config(hf_dir, rope_scaling={"rope_type": "linear", "factor": 2.0})
     elif case == "no_weights":
@@ -315,7 +320,7 @@ def test_import_failure_mid_write_leaves_no_checkpoint(workdir, tmp_path, monkey
 def test_import_reads_pytorch_bin_and_sharded_safetensors(workdir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from megatron_csd.conversion.dist_reader import read_tensor_metadata
+    from megatron_csd.conversion.dist_reader import read_regions, read_tensor_metadata
     from megatron_csd.conversion.hf_to_megatron import convert_hf_to_megatron
 
     tensors = load_file(workdir / "hf_gpt2" / "model.safetensors")
@@ -331,10 +336,21 @@ def test_import_reads_pytorch_bin_and_sharded_safetensors(workdir, tmp_path):
         save_file({n: tensors[n] for n in part}, str(sharded_dir / file_name))
         weight_map.update({n: file_name for n in part})
     (sharded_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    reference = read_tensor_metadata(workdir / "mg_gpt2" / "model")
+    reference_dir = workdir / "mg_gpt2" / "model"
+    reference = read_tensor_metadata(reference_dir)
+
+    def read_all(checkpoint):
+        return read_regions(checkpoint, {key: ((0,) * len(shape), shape, dtype)
+                                         for key, (shape, dtype) in reference.items()})
+
+    expected = read_all(reference_dir)
+    assert len(expected) > 10 and all(t.abs().max() > 0 for t in expected.values())
     for directory in (bin_dir, sharded_dir):
         convert_hf_to_megatron(directory, tmp_path / f"out_{directory.name}")
-        assert read_tensor_metadata(tmp_path / f"out_{directory.name}" / "model") == reference
+        converted = tmp_path / f"out_{directory.name}" / "model"
+        assert read_tensor_metadata(converted) == reference
+        for key, tensor in read_all(converted).items():
+            assert torch.equal(tensor, expected[key]), (directory.name, key)
 
 
 def test_export_bad_inputs_are_clear_errors(workdir, tmp_path):
@@ -359,10 +375,104 @@ def test_export_bad_inputs_are_clear_errors(workdir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_tokenizer_dir_must_hold_a_tokenizer_and_its_side_files_are_copied(workdir, tmp_path):
+    from megatron_csd.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--tokenizer-dir .*missing.* is not a directory"):
+        convert_megatron_to_hf(workdir / "mg_gpt2", out, tokenizer_dir=tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "tokenizer_config.json").write_text("{}")  # config alone is no tokenizer
+    with pytest.raises(ValueError, match="holds no tokenizer: none of tokenizer.model, tokenizer.json"):
+        convert_megatron_to_hf(workdir / "mg_gpt2", out, tokenizer_dir=empty)
+    assert not out.exists()
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    side_files = {"tokenizer.json": '{"model": "bpe"}',
+                  "tokenizer_config.json": '{"chat_template": "{{ messages }}"}',
+                  "special_tokens_map.json": '{"eos_token": "<eos>"}',
+                  "generation_config.json": '{"bos_token_id": 1, "eos_token_id": 2}'}
+    for name, text in side_files.items():
+        (tokenizer / name).write_text(text)
+    convert_megatron_to_hf(workdir / "mg_gpt2", out, tokenizer_dir=tokenizer)
+    for name, text in side_files.items():
+        assert (out / name).read_text() == text, name
+    assert not (out / "tokenizer.model").exists() and not (out / "hf_config.json").exists()
+
+
+def test_converted_checkpoint_keeps_hf_config_and_export_restores_its_fields(workdir, tmp_path):
+    from megatron_csd.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    original = json.loads((workdir / "hf_llama_gqa" / "config.json").read_text())
+    assert json.loads((workdir / "mg_llama_gqa" / "hf_config.json").read_text()) == original
+    assert (workdir / "mg_llama_gqa" / "generation_config.json").is_file()
+    exported = convert_megatron_to_hf(workdir / "mg_llama_gqa", tmp_path / "out")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert exported[key] == original[key], key
+    assert (tmp_path / "out" / "generation_config.json").read_text() == \
+        (workdir / "hf_llama_gqa" / "generation_config.json").read_text()
+
+
+def test_exported_config_spells_rope_theta_for_transformers_4_and_5():
+    from megatron_csd.conversion.hf_config import hf_config_to_model_config, model_config_to_hf_config
+
+    config = _hf_configs()["llama_gqa"].to_dict()
+    cfg = hf_config_to_model_config(config)
+    assert cfg.rope_theta == 5000.0
+    stale = dict(config, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    stale.pop("rope_theta", None)
+    for original in (None, stale):
+        out = model_config_to_hf_config(cfg.replace(rope_theta=5000.0), dtype="float32", original=original)
+        assert out["rope_theta"] == 5000.0  # transformers 4.x reads this one
+        assert out["rope_parameters"] == {"rope_type": "default", "rope_theta": 5000.0}  # 5.x
+        reloaded = transformers.LlamaConfig.from_dict(out)
+        assert reloaded.rope_parameters["rope_theta"] == 5000.0
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(rope_theta=None), "field rope_theta must be a positive number, got None"),
+    (dict(rope_theta="1e4"), "field rope_theta must be a positive number, got '1e4'"),
+    (dict(rope_theta=0), "field rope_theta must be a positive number"),
+    (dict(rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": None}),
+     "field rope_theta must be a positive number, got None"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": None}),
+     "field rope_parameters.rope_theta must be a positive number, got None"),
+])
+def test_import_rejects_a_missing_or_bad_rope_theta(fields, match):
+    from megatron_csd.conversion.hf_config import hf_config_to_model_config
+
+    config = _hf_configs()["llama_gqa"].to_dict()
+    config.pop("rope_theta", None)
+    config.pop("rope_parameters", None)
+    assert hf_config_to_model_config(config).rope_theta == 10000.0  # absent: the HF default
+    with pytest.raises(ValueError, match=match):
+        hf_config_to_model_config(dict(config, **fields))
+    # A null top-level field next to a set rope_parameters value uses the latter.
+    both = dict(config, rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    assert hf_config_to_model_config(both).rope_theta == 500.0
+
+
+def test_resolve_model_checkpoint_follows_latest_and_refuses_a_dangling_one(workdir, tmp_path):
+    from megatron_csd.models.checkpoint import resolve_model_checkpoint
+
+    assert resolve_model_checkpoint(workdir / "mg_gpt2") == workdir / "mg_gpt2"
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    with pytest.raises(ValueError, match="names 'iter_0000009', which is not a model checkpoint"):
+        resolve_model_checkpoint(tmp_path)
+    (tmp_path / "iter_0000009").symlink_to(workdir / "mg_gpt2")
+    assert resolve_model_checkpoint(tmp_path) == tmp_path / "iter_0000009"
+
+
 def test_cli_tools_check_conversion_and_report_errors(workdir):
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    # A trainer-style save directory: `latest` names the iteration folder (as the exporter takes).
+    save_dir = workdir / "save_dir"
+    save_dir.mkdir()
+    (save_dir / "iter_0000003").symlink_to(workdir / "mg_gemma_mqa")
+    (save_dir / "latest").write_text("iter_0000003\n")
     check = subprocess.run([sys.executable, str(REPO / "tools/check_conversion.py"), "--hf-dir",
-                            str(workdir / "hf_gemma_mqa"), "--megatron-dir", str(workdir / "mg_gemma_mqa"),
+                            str(workdir / "hf_gemma_mqa"), "--megatron-dir", str(save_dir),
                             "--max-diff", "1e-5", "--max-kl", "1e-10"], capture_output=True, text=True, env=env)
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads(check.stdout.strip().splitlines()[-2])

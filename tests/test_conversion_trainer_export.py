@@ -1,5 +1,7 @@
 """A tiny Gemma student distilled by the trainer (TP 2, CPU/gloo) exports to an HF folder that
 transformers loads with the same logits as the Megatron model read from the trainer's checkpoint.
+The student's HF side files (hf_config.json, tokenizer_config.json, generation_config.json)
+travel through the trainer's checkpoint into the export (token ids, chat template kept).
 """
 import json
 import os
@@ -46,15 +48,33 @@ def test_trainer_checkpoint_exports_to_transformers_with_same_logits(tmp_path):
 
     workspace = build_workspace(str(tmp_path), num_train=16, num_valid=8)
     run_distributed(_write_initial_models, 1, workspace)
+    # As if the student had been converted from HF: the original config and tokenizer files.
+    student = workspace["student"]
+    hf_config = {"model_type": "gemma", "architectures": ["GemmaForCausalLM"], "hidden_size": 999,
+                 "bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 5, "custom_note": "kept"}
+    side_files = {"hf_config.json": json.dumps(hf_config),
+                  "tokenizer_config.json": json.dumps({"chat_template": "{{ messages }}"}),
+                  "generation_config.json": json.dumps({"bos_token_id": 3, "eos_token_id": 4})}
+    for name, text in side_files.items():
+        with open(os.path.join(student, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
     out_file = str(tmp_path / "megatron_logits.pt")
     run_distributed(_train_then_megatron_logits, 2, workspace, out_file)
     saved = torch.load(out_file)
     hf_dir = tmp_path / "hf_student"
-    # The save directory itself resolves to its latest iteration.
-    convert_megatron_to_hf(os.path.join(workspace["root"], "run", "checkpoints"), hf_dir,
-                           tokenizer_dir=os.path.dirname(workspace["tokenizer"]))
-    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["GemmaForCausalLM"]
-    assert (hf_dir / "tokenizer.model").is_file()
+    for name, text in side_files.items():  # carried into the trainer's checkpoint
+        with open(os.path.join(saved["checkpoint"], name), encoding="utf-8") as handle:
+            assert handle.read() == text, name
+    # The save directory itself resolves to its latest iteration; the tokenizer comes from it.
+    config = convert_megatron_to_hf(os.path.join(workspace["root"], "run", "checkpoints"), hf_dir)
+    assert json.loads((hf_dir / "config.json").read_text()) == config
+    assert config["architectures"] == ["GemmaForCausalLM"] and config["custom_note"] == "kept"
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (3, 4, 5)
+    assert config["hidden_size"] != 999 and config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    with open(workspace["tokenizer"], "rb") as handle:
+        assert (hf_dir / "tokenizer.model").read_bytes() == handle.read()
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (hf_dir / name).read_text() == side_files[name], name
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         hf_logits = model(saved["tokens"]).logits

@@ -75,6 +75,35 @@ def test_get_preset_unknown_name_lists_choices():
         get_preset("gemma-3b")
 
 
+def test_tensor_parallel_check_needs_tp_multiple_of_kv_groups_when_groups_are_fewer():
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_csd.models.builder import allowed_tensor_parallel_sizes, check_parallel_compatible
+
+    # 12 heads, 3 KV groups: TP 4 passes every width check (QKV rows 144, FFN 192, vocab 3072)
+    # but cannot replicate 3 KV heads evenly over 4 ranks.
+    cfg = ModelConfig(family="llama", num_layers=2, hidden_size=96, ffn_hidden_size=192,
+                      num_attention_heads=12, num_query_groups=3, vocab_size=300,
+                      padded_vocab_size=3072, max_position_embeddings=64)
+    assert allowed_tensor_parallel_sizes(cfg) == [1, 3, 6, 12]
+    with pytest.raises(ValueError, match=r"size 4 must be a multiple of num_query_groups \(3\).*"
+                       r"num_attention_heads=12, num_query_groups=3.*sizes for this model: "
+                       r"\[1, 3, 6, 12\]"):
+        check_parallel_compatible(cfg, 4, 1)
+    with pytest.raises(ValueError, match=r"size 2 must divide num_query_groups \(3\)"):
+        check_parallel_compatible(cfg, 2, 1)
+    # Megatron-Core itself agrees on the refused and allowed sizes (its own config check).
+    for tp in (1, 2, 3, 4, 6, 12):
+        kwargs = dict(num_layers=2, hidden_size=96, num_attention_heads=12, num_query_groups=3,
+                      tensor_model_parallel_size=tp)
+        if tp in (1, 3, 6, 12):
+            check_parallel_compatible(cfg, tp, 1)
+            TransformerConfig(**kwargs)
+        else:
+            with pytest.raises(ValueError, match="num_query_groups"):
+                TransformerConfig(**kwargs)
+
+
 def _build_body(rank, world_size):
     from megatron.core import parallel_state
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--megatron-dir", required=True)
+    parser.add_argument("--megatron-dir", required=True,
+                        help="model checkpoint, trainer iter_* folder or trainer save dir (its latest)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)

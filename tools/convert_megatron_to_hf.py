@@ -15,11 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="model checkpoint folder (model_config.json + model/)")
+    parser.add_argument("--load", required=True, help="model checkpoint folder (model_config.json + "
+                        "model/), trainer iter_* folder or trainer save dir (its latest)")
     parser.add_argument("--out", required=True, help="HF output folder (must be new or empty)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype of the exported weights (default: as stored)")
-    parser.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from here")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="copy the tokenizer files from this folder instead of --load")
     parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)

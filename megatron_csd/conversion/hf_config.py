@@ -28,7 +28,17 @@ def _rope_theta(config: dict) -> float:
         rope_type = source.get("rope_type", source.get("type"))
         if rope_type not in (None, "default"):
             raise ValueError(f"config.json uses RoPE scaling {rope_type!r}; only plain RoPE is supported")
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    # transformers 4.x writes a top-level rope_theta, 5.x rope_parameters.rope_theta; the
+    # first one that is set wins, and a field present but null (with no other) is an error.
+    candidates = [("rope_theta", config.get("rope_theta"), "rope_theta" in config),
+                  ("rope_parameters.rope_theta", params.get("rope_theta"), "rope_theta" in params)]
+    present = [(field, theta) for field, theta, is_present in candidates if is_present]
+    if not present:
+        return 10000.0
+    field, theta = next(((f, t) for f, t in present if t is not None), present[0])
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"config.json field {field} must be a positive number, got {theta!r}; "
+                         "set it to the model's RoPE base (e.g. 10000.0)")
     return float(theta)
 
 
@@ -136,10 +146,10 @@ def model_config_to_hf_config(cfg: ModelConfig, *, dtype: str,
             vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
             hidden_act="gelu_pytorch_tanh" if gemma else "silu", attention_bias=False)
         out.pop("hidden_activation", None)
-        if "rope_parameters" in out or "rope_theta" not in out:
-            out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        if "rope_theta" in out:
-            out["rope_theta"] = cfg.rope_theta
+        # Both spellings: transformers 5.x reads rope_parameters, 4.x the top-level rope_theta
+        # (and would silently fall back to its default base without it).
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        out["rope_theta"] = cfg.rope_theta
         if not gemma:
             out.setdefault("mlp_bias", False)
     out.pop("torch_dtype", None)

@@ -29,17 +29,19 @@ from megatron_csd.conversion.mapping import (
 from megatron_csd.conversion.output_dir import atomic_output_dir, check_output_dir
 from megatron_csd.conversion.process_group import single_process_model_parallel
 from megatron_csd.models.builder import check_parallel_compatible
-from megatron_csd.models.checkpoint import MODEL_SUBDIR, write_model_config
+from megatron_csd.models.checkpoint import (
+    HF_CONFIG_COPY,
+    HF_SIDE_FILES,
+    MODEL_SUBDIR,
+    copy_side_files,
+    write_model_config,
+)
 from megatron_csd.models.config import ModelConfig
 from megatron_csd.parallel.vocab import DEFAULT_VOCAB_MULTIPLE, padded_vocab_size
 
 PathLike = Union[str, os.PathLike]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "generation_config.json")
-HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, reused by the exporter
 
 
 def resolve_dtype(dtype: Optional[str], hf_config: dict, fallback: torch.dtype) -> torch.dtype:
@@ -160,8 +162,8 @@ def convert_hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, *, tp: int = 1, 
             dist_checkpointing.save(sharded, str(tmp / MODEL_SUBDIR),
                                     sharded_strategy=LazyTensorSaveStrategy(producer))
         write_model_config(tmp, cfg)
+        # The original config.json (as hf_config.json) keeps the non-architecture fields
+        # (token ids, ...) for the exporter; tokenizer and generation files travel along.
         shutil.copyfile(Path(hf_dir) / "config.json", tmp / HF_CONFIG_COPY)
-        for name in TOKENIZER_FILES:
-            if (Path(hf_dir) / name).is_file():
-                shutil.copyfile(Path(hf_dir) / name, tmp / name)
+        copy_side_files(hf_dir, tmp, [n for n in HF_SIDE_FILES if n != HF_CONFIG_COPY])
     return cfg

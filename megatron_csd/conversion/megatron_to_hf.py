@@ -4,25 +4,36 @@ Reads the global tensors of one layer at a time from the dist checkpoint (dist_c
 loads exactly the requested slices, whatever layout wrote them), maps them back to HF names
 with the inverse rules of `mapping` (padding rows dropped), and writes safetensors shards of
 at most `max_shard_bytes` (+ index when there are several). config.json is rebuilt from the
-ModelConfig (keeping the non-architecture fields of the imported config when it was saved),
-tokenizer files are copied through. Output appears atomically (temp folder + rename).
+ModelConfig, keeping the non-architecture fields (token ids, ...) of the original HF config
+stored as hf_config.json by the importer (and carried into trainer checkpoints). Tokenizer
+files (tokenizer.model/.json, tokenizer_config.json with the chat template,
+special_tokens_map.json, ...) come from one folder: `tokenizer_dir` when given (it must hold
+a tokenizer), else the checkpoint; generation_config.json from the checkpoint unless
+`tokenizer_dir` has one. Output appears atomically (temp folder + rename).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from megatron_csd.conversion.hf_config import model_config_to_hf_config
-from megatron_csd.conversion.hf_to_megatron import DTYPES, HF_CONFIG_COPY, TOKENIZER_FILES
+from megatron_csd.conversion.hf_to_megatron import DTYPES
 from megatron_csd.conversion.mapping import LAYER_PREFIX, conversion_rules
 from megatron_csd.conversion.output_dir import atomic_output_dir, check_output_dir
 from megatron_csd.conversion.dist_reader import read_regions, read_tensor_metadata
-from megatron_csd.models.checkpoint import load_model_config, model_checkpoint_dir
+from megatron_csd.models.checkpoint import (
+    HF_CONFIG_COPY,
+    TOKENIZER_FILES,
+    TOKENIZER_VOCAB_FILES,
+    copy_side_files,
+    load_model_config,
+    model_checkpoint_dir,
+    resolve_model_checkpoint,
+)
 
 PathLike = Union[str, os.PathLike]
 _DTYPE_NAME = {v: k for k, v in DTYPES.items()}
@@ -69,13 +80,16 @@ class _ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
 
 
-def resolve_latest(load_dir: PathLike) -> Path:
-    """A trainer save directory (with a `latest` file naming an iter_* folder) -> that folder."""
-    load_dir = Path(load_dir)
-    latest = load_dir / "latest"
-    if not (load_dir / "model_config.json").is_file() and latest.is_file():
-        return load_dir / latest.read_text().strip()
-    return load_dir
+def check_tokenizer_dir(tokenizer_dir: PathLike) -> Path:
+    """ValueError unless `tokenizer_dir` is a folder holding a tokenizer's vocabulary file."""
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise ValueError(f"--tokenizer-dir {path} is not a directory; pass the folder that holds "
+                         f"the tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)})")
+    if not any((path / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise ValueError(f"--tokenizer-dir {path} holds no tokenizer: none of "
+                         f"{', '.join(TOKENIZER_VOCAB_FILES)} is there")
+    return path
 
 
 def _expected_global_shapes(cfg, global_rules, layer_rules) -> dict[str, tuple[int, ...]]:
@@ -100,7 +114,9 @@ def convert_megatron_to_hf(load_dir: PathLike, out_dir: PathLike, *, dtype: Opti
     one `iter_*` folder of a training run, or a training save directory (its `latest` one).
     """
     check_output_dir(out_dir, force)
-    load_dir = resolve_latest(load_dir)
+    if tokenizer_dir is not None:
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
+    load_dir = resolve_model_checkpoint(load_dir)
     cfg = load_model_config(load_dir)
     checkpoint = model_checkpoint_dir(load_dir)
     global_rules, layer_rules = conversion_rules(cfg, "transformer." if cfg.family == "gpt2" else "model.")
@@ -149,8 +165,9 @@ def convert_megatron_to_hf(load_dir: PathLike, out_dir: PathLike, *, dtype: Opti
             del tensors
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        source = Path(tokenizer_dir) if tokenizer_dir else Path(load_dir)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        # One tokenizer, from one folder (mixing a tokenizer.json of the checkpoint with a
+        # tokenizer.model of --tokenizer-dir would give two different tokenizers).
+        copy_side_files(tokenizer_dir or load_dir, tmp, TOKENIZER_FILES + ("generation_config.json",))
+        if tokenizer_dir is not None and not (tmp / "generation_config.json").is_file():
+            copy_side_files(load_dir, tmp, ("generation_config.json",))
     return hf_config

@@ -70,6 +70,9 @@ def check_conversion(hf_dir, megatron_dir, *, tp: int = 1, pp: int = 1, batch: i
                      seq_len: int = 32, seed: int = 0, dtype: str = "float32") -> Optional[LogitComparison]:
     """Run both models on the same random token ids; the comparison on the reporting rank.
 
+    `megatron_dir` is a model checkpoint, one `iter_*` folder of a training run, or a training
+    save directory (its `latest` iteration), as for the exporter.
+
     Call on every rank of an initialised process group (torchrun, or one process). Builds
     parallel_state at TP x PP (data parallel fills the rest), enables the CPU layer when CUDA is
     absent, and tears parallel_state down afterwards. Returns None on non-reporting ranks.
@@ -78,11 +81,12 @@ def check_conversion(hf_dir, megatron_dir, *, tp: int = 1, pp: int = 1, batch: i
 
     from megatron_csd.conversion.hf_to_megatron import DTYPES
     from megatron_csd.models.builder import build_gpt_model
-    from megatron_csd.models.checkpoint import load_model, load_model_config
+    from megatron_csd.models.checkpoint import load_model, load_model_config, resolve_model_checkpoint
     from megatron_csd.parallel.cpu_mode import enable_cpu_mode, seed_model_parallel_rng
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    megatron_dir = resolve_model_checkpoint(megatron_dir)  # a trainer save dir -> its latest
     cfg = load_model_config(megatron_dir)
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")

@@ -64,24 +64,46 @@ def _resolve_use_te(use_te: Optional[bool], fp8: Optional[str]) -> bool:
     return bool(use_te)
 
 
+def _tensor_parallel_problem(cfg: ModelConfig, tp_size: int) -> Optional[str]:
+    """Why Megatron-Core cannot split `cfg` over `tp_size` tensor-parallel ranks (None: it can)."""
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    if heads % tp_size:
+        return f"tensor-parallel size {tp_size} must divide num_attention_heads ({heads})"
+    if groups >= tp_size and groups % tp_size:
+        return (f"tensor-parallel size {tp_size} must divide num_query_groups ({groups}) "
+                "when there are at least TP KV groups")
+    if groups < tp_size and tp_size % groups:
+        # Fewer KV heads than ranks: Megatron replicates each KV head on TP / groups ranks,
+        # which needs TP to be a multiple of num_query_groups.
+        return (f"tensor-parallel size {tp_size} must be a multiple of num_query_groups "
+                f"({groups}) when KV groups are fewer than TP (each KV head is replicated on "
+                "TP / num_query_groups ranks)")
+    qkv_rows = (heads + 2 * groups) * cfg.kv_channels
+    if groups < tp_size and qkv_rows % tp_size:
+        return (f"tensor-parallel size {tp_size} must divide the fused QKV rows ({qkv_rows}) "
+                f"when KV groups ({groups}) are fewer than TP")
+    if cfg.ffn_hidden_size % tp_size:
+        return f"tensor-parallel size {tp_size} must divide ffn_hidden_size ({cfg.ffn_hidden_size})"
+    if cfg.padded_vocab_size % tp_size:
+        return (f"tensor-parallel size {tp_size} must divide padded_vocab_size "
+                f"({cfg.padded_vocab_size}); re-pad with padded_vocab_size()")
+    return None
+
+
+def allowed_tensor_parallel_sizes(cfg: ModelConfig) -> list[int]:
+    """Every tensor-parallel size Megatron-Core can split `cfg` over (always includes 1)."""
+    return [tp for tp in range(1, cfg.num_attention_heads + 1)
+            if _tensor_parallel_problem(cfg, tp) is None]
+
+
 def check_parallel_compatible(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
     """ValueError when the model cannot be split over TP x PP as Megatron-Core requires."""
-    if cfg.num_attention_heads % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide num_attention_heads "
-                         f"({cfg.num_attention_heads})")
-    if cfg.num_query_groups >= tp_size and cfg.num_query_groups % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide num_query_groups "
-                         f"({cfg.num_query_groups}) when there are at least TP KV groups")
-    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
-    if cfg.num_query_groups < tp_size and qkv_rows % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide the fused QKV rows "
-                         f"({qkv_rows}) when KV groups ({cfg.num_query_groups}) are fewer than TP")
-    if cfg.ffn_hidden_size % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide ffn_hidden_size "
-                         f"({cfg.ffn_hidden_size})")
-    if cfg.padded_vocab_size % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide padded_vocab_size "
-                         f"({cfg.padded_vocab_size}); re-pad with padded_vocab_size()")
+    problem = _tensor_parallel_problem(cfg, tp_size)
+    if problem is not None:
+        raise ValueError(
+            f"{problem} (num_attention_heads={cfg.num_attention_heads}, num_query_groups="
+            f"{cfg.num_query_groups}); allowed tensor-parallel sizes for this model: "
+            f"{allowed_tensor_parallel_sizes(cfg)}")
     if cfg.num_layers % pp_size:
         raise ValueError(f"pipeline-parallel size {pp_size} must divide num_layers "
                          f"({cfg.num_layers})")

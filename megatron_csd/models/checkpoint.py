@@ -11,6 +11,11 @@ checkpoint (teacher and student must share one padded size at run time), the emb
 untied output layer are read whole on every rank and the rank's rows of the new padded layout
 are copied out of them (rows past the saved padding are zero).
 
+HF side files: a checkpoint converted from HF also holds the original `config.json` as
+`hf_config.json` and the tokenizer files; `load_model` records where a model was loaded from
+(`csd_checkpoint_source` on the GPTModel) so the trainer can carry these files into its own
+checkpoints and the exporter can rebuild a faithful HF folder (token ids, chat template).
+
 Writers and loaders are collective: every rank of the job calls them. A script that saves must
 be guarded by `if __name__ == "__main__":` (the filesystem writer starts spawn processes that
 re-import the main module; unguarded, the save hangs).
@@ -19,8 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -29,6 +35,16 @@ from megatron_csd.models.config import ModelConfig
 MODEL_CONFIG_FILE = "model_config.json"
 MODEL_SUBDIR = "model"
 CONFIG_ATTRIBUTE = "csd_model_config"  # set on GPTModels by build_gpt_model
+SOURCE_ATTRIBUTE = "csd_checkpoint_source"  # set on GPTModels by load_model
+LATEST_FILE = "latest"  # a trainer save directory names its newest iteration here
+HF_CONFIG_COPY = "hf_config.json"  # the HF config.json a checkpoint was converted from
+# Files of an HF tokenizer (one tokenizer: copy them from a single folder).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+# The files that hold the vocabulary itself; a tokenizer folder needs at least one of them.
+TOKENIZER_VOCAB_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json")
+# Everything besides the weights that an HF export needs, carried along with a checkpoint.
+HF_SIDE_FILES = (HF_CONFIG_COPY, "generation_config.json") + TOKENIZER_FILES
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 # Fields that may differ between a checkpoint and the model that loads it.
 _RUNTIME_FIELDS = ("hidden_dropout", "attention_dropout", "init_method_std", "padded_vocab_size")
@@ -70,6 +86,44 @@ def load_model_config(directory: PathLike) -> ModelConfig:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     return ModelConfig.from_dict(data)
+
+
+def resolve_model_checkpoint(directory: PathLike) -> Path:
+    """A model checkpoint folder as given, or a trainer save directory -> its `latest` iteration.
+
+    A folder with model_config.json is a checkpoint itself; otherwise a `latest` file names
+    the iteration folder to use. ValueError when `latest` names a folder that is not a
+    complete model checkpoint.
+    """
+    directory = Path(directory)
+    latest = directory / LATEST_FILE
+    if (directory / MODEL_CONFIG_FILE).is_file() or not latest.is_file():
+        return directory
+    target = directory / latest.read_text().strip()
+    if not (target / MODEL_CONFIG_FILE).is_file():
+        raise ValueError(f"{latest} names {target.name!r}, which is not a model checkpoint "
+                         f"({MODEL_CONFIG_FILE} missing); pass one iter_* folder instead")
+    return target
+
+
+def checkpoint_source(model) -> Optional[str]:
+    """The checkpoint folder `model` was last loaded from or saved to (None: neither)."""
+    return getattr(_unwrap(model), SOURCE_ATTRIBUTE, None)
+
+
+def record_checkpoint_source(model, directory: PathLike) -> None:
+    """Remember `directory` as the checkpoint `model` now corresponds to (see checkpoint_source)."""
+    setattr(_unwrap(model), SOURCE_ATTRIBUTE, str(directory))
+
+
+def copy_side_files(source: PathLike, target: PathLike, names=HF_SIDE_FILES) -> list[str]:
+    """Copy those of `names` that exist in `source` into `target`; returns the names copied."""
+    copied = []
+    for name in names:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(target) / name)
+            copied.append(name)
+    return copied
 
 
 def model_checkpoint_dir(directory: PathLike) -> Path:
@@ -173,4 +227,5 @@ def load_model(model, directory: PathLike) -> ModelConfig:
     if not_loaded or incompatible.unexpected_keys:
         raise ValueError(f"the model checkpoint {path} does not fit this model: missing "
                          f"{not_loaded[:5]}, unexpected {incompatible.unexpected_keys[:5]}")
+    record_checkpoint_source(inner, directory)
     return saved

@@ -5,6 +5,10 @@
         model_config.json, model/       student, models.checkpoint layout (exporter-readable,
                                         loads at any TP/PP via dist_checkpointing)
         tokenizer.model|tokenizer.json  copy of the run's tokenizer
+        hf_config.json, tokenizer_config.json, generation_config.json, ...
+                                        HF side files copied from the student's source
+                                        checkpoint when it has them (the exporter keeps
+                                        token ids and the chat template from them)
         optimizer/                      dist_checkpointing of optimizer.sharded_state_dict(...)
         trainer_state.json              iteration, scheduler, data sampler position, layout
         rng/rank_00003.pt               per-rank RNG states (torch CPU, CUDA, Megatron tracker)
@@ -85,10 +89,22 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, optimizer, scheduler,
-                    sampler_state: dict, ctx, tokenizer_path: Optional[str]) -> str:
-    """Write checkpoint ``iteration`` under ``save_dir`` (collective: every rank calls it)."""
+                    sampler_state: dict, ctx, tokenizer_path: Optional[str],
+                    student_source: Optional[str] = None) -> str:
+    """Write checkpoint ``iteration`` under ``save_dir`` (collective: every rank calls it).
+
+    ``student_source``: the checkpoint folder the student started from, whose HF side files
+    (hf_config.json, tokenizer files, generation_config.json) are carried along; default:
+    the folder ``student`` was last loaded from (the student checkpoint, or the resumed
+    checkpoint, which carries them too) or saved to by this function.
+    """
     from megatron.core import dist_checkpointing
-    from megatron_csd.models.checkpoint import save_model
+    from megatron_csd.models.checkpoint import (
+        checkpoint_source,
+        copy_side_files,
+        record_checkpoint_source,
+        save_model,
+    )
 
     final = os.path.join(save_dir, iteration_dir_name(iteration))
     tmp = final + ".tmp"
@@ -107,6 +123,9 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
         state = {"iteration": iteration, "scheduler": scheduler.state_dict(),
                  "sampler": sampler_state, "layout": _layout(ctx)}
         _write_text_atomic(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
+        source_dir = student_source or checkpoint_source(student)
+        if source_dir is not None and os.path.isdir(source_dir):
+            copy_side_files(source_dir, tmp)  # the run's tokenizer below wins on a name clash
         if tokenizer_path is not None:
             source = tokenizer_path
             if os.path.isdir(source):
@@ -121,6 +140,9 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
     names = [published]
     dist.broadcast_object_list(names, src=0)
     dist.barrier()
+    # The published folder now holds the side files (an older source may be deleted later,
+    # e.g. when the iteration it was is re-saved under its alternate name).
+    record_checkpoint_source(student, names[0])
     return names[0]
 
 
