@@ -1,1 +1,0 @@
-"""megatron_csd.evaluation"""
