@@ -18,6 +18,7 @@ the same fingerprint give the same meaning to every id, which is what distillati
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ _EOS_NAMES = ("<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface; subclasses set the special ids and implement the piece-level calls."""
 
     bos_id: int | None
@@ -41,17 +42,20 @@ class Tokenizer:
     vocab_size: int
     source: str
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
 
+    @abc.abstractmethod
     def _decode_pieces(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
+    @abc.abstractmethod
     def id_to_piece(self, token_id: int) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` with bos, eos and pad removed (other special tokens are kept)."""
