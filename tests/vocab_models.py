@@ -38,9 +38,20 @@ def build_tokenizer(texts, directory: Path) -> None:
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}))
 
 
+def rendered_texts(records) -> list:
+    """The dolly-rendered prompt + response of toy records (the tokenizer's training text)."""
+    from megatron_csd.data import InstructionRecord, render
+
+    texts = []
+    for r in records:
+        rendered = render(InstructionRecord(r["instruction"], r["response"], r["context"]), "dolly")
+        texts.append(rendered.prompt + rendered.response)
+    return texts
+
+
 def build_workspace(root, *, num_train: int = 48, num_valid: int = 16) -> dict:
     """Toy train/valid JSONL, the 184-id tokenizer, and both splits prepared at SEQ_LENGTH."""
-    from megatron_csd.data import InstructionRecord, load_tokenizer, prepare_dataset, render
+    from megatron_csd.data import load_tokenizer, prepare_dataset
     from megatron_csd.data.toy import generate_records, stratified_split
 
     root = Path(root)
@@ -51,11 +62,8 @@ def build_workspace(root, *, num_train: int = 48, num_valid: int = 16) -> dict:
         paths[name] = str(root / f"{name.split('_')[0]}.jsonl")
         with open(paths[name], "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in records)
-    texts = []
-    for r in train + valid:  # every character of the data is in the alphabet (no <unk>)
-        rendered = render(InstructionRecord(r["instruction"], r["response"], r["context"]), "dolly")
-        texts.append(rendered.prompt + rendered.response)
-    build_tokenizer(texts, root / "tokenizer")
+    # Trained on both splits: every character of the data is in the alphabet (no <unk>).
+    build_tokenizer(rendered_texts(train + valid), root / "tokenizer")
     paths["tokenizer"] = str(root / "tokenizer" / "tokenizer.json")
     prepare_dataset(paths["train_jsonl"], load_tokenizer(paths["tokenizer"]), root / "prepared",
                     seq_length=SEQ_LENGTH, template="dolly", valid_input=paths["valid_jsonl"])
