@@ -3,10 +3,11 @@ towards the teacher's (issue 12).
 
 Teacher and student are tiny HF LLaMA models with 192 rows and a 184-id tokenizer
 (tests/vocab_models.py): the teacher puts ~1e-5 of its probability on rows 184-191 at response
-positions of the held-out data, the student several percent. After a few fkl steps by the trainer
-(1 process, gloo), the student exported to HF and measured with transformers puts much less
-there. With the old loss (tokenizer's 184 columns) those rows get no gradient and their mass
-does not fall. The trainer's checkpoint records vocab_size 192 and the export has 192 rows.
+positions of the held-out data, the student 44%. After 24 fkl steps by the trainer (1 process,
+gloo), the student exported to HF and measured with transformers puts 4.4e-3 there (measured on
+a loaded machine). With the old loss (tokenizer's 184 columns) those rows get no gradient; their
+mass falls only as the real rows' logits grow, to 5.1e-2, which the `before / 30` bound rejects.
+The trainer's checkpoint records vocab_size 192 and the export has 192 rows.
 """
 import json
 import os
@@ -19,7 +20,7 @@ from tests.vocab_models import ROWS, SEQ_LENGTH, build_workspace, convert_models
 
 transformers = pytest.importorskip("transformers")
 
-TRAIN_ITERS = 12
+TRAIN_ITERS = 24
 
 
 def _train(rank, world_size, workspace, out_file):
@@ -57,5 +58,5 @@ def test_distilled_student_mass_on_rows_past_the_tokenizer_falls_towards_teacher
     print(f"student mass on rows 184-191 at held-out response positions: before {before:.3e}, "
           f"after {TRAIN_ITERS} fkl steps {after:.3e}, teacher {teacher:.3e}")
     assert teacher < 1e-3 < 2e-2 < before
-    assert teacher < after < before / 5, (before, after, teacher)
+    assert teacher < after < before / 30, (before, after, teacher)
     assert torch.isfinite(torch.tensor(after))
