@@ -10,10 +10,10 @@ from the model's own pieces (read by ``sentencepiece_proto``), so loading needs 
   NORMAL piece splits into two NORMAL pieces, ranked by the merged piece's id (sentencepiece
   BPE ids are in score order; ties by the left, then the right piece's id); ``byte_fallback``
   and the unknown piece as in the model;
-- normalizer: the model's precompiled charsmap when it has one, and the removal of extra
-  whitespace when the model asks for it; pre-tokenizer ``Metaspace`` (space -> U+2581, a dummy
-  prefix only at the start when ``add_dummy_prefix``); decoder: U+2581 -> space, byte
-  fallback, fuse (and strip the dummy prefix);
+- normalizer: the model's precompiled charsmap when it has one, the removal of extra
+  whitespace when the model asks for it, the dummy prefix (``add_dummy_prefix``) and
+  space -> U+2581 (``Metaspace`` instead when user-defined pieces would split the text);
+  decoder: U+2581 -> space, byte fallback, fuse (and strip the dummy prefix);
 - added tokens: control and unknown pieces as special tokens, user-defined pieces (Gemma's
   ``<start_of_turn>``, ...) as plain added tokens; post-processor: bos before the text when
   the model has a bos.
@@ -74,18 +74,24 @@ def build_tokenizer_json(model_file: str | Path):
         norm.append(normalizers.Precompiled(model.precompiled_charsmap))
     if model.remove_extra_whitespaces:
         norm += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ +| +$"), "")]
+    user_defined = [p for p in pieces if p.type == USER_DEFINED]
+    if model.add_dummy_prefix and user_defined:
+        # Added tokens split the text before normalizing, so a Prepend normalizer would put a
+        # dummy prefix on every segment; Metaspace puts it on the first one only (but skips
+        # text that already starts with a space: the check below then refuses the result).
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first", split=False)
+    else:
+        norm += [normalizers.Prepend(_SPACE)] if model.add_dummy_prefix else []
+        norm.append(normalizers.Replace(" ", _SPACE))
     if norm:
         tok.normalizer = normalizers.Sequence(norm)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=_SPACE, prepend_scheme="first" if model.add_dummy_prefix else "never", split=False)
     steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if model.add_dummy_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
                             for p in pieces if p.type in (CONTROL, UNKNOWN)])
-    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
-                    for p in pieces if p.type == USER_DEFINED])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False) for p in user_defined])
     special = {"unk_token": unk}
     for role, token_id in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("pad_token", sp.pad_id())):
         special[role] = pieces[token_id].piece if token_id >= 0 else None
