@@ -162,7 +162,9 @@ embedded_default() {
   echo "== megatron_csd embedded default: toy data -> SFT teacher -> CSD distillation at TP=2 (CPU, gloo)"
   echo "== working directory: ${work} (completed stages with the same settings are re-used; nothing is deleted)"
   prepare_embedded_dir "${work}"
+  # The code a stage ran with: the commit plus a checksum of uncommitted changes to the package.
   code="$(git -C "${REPO_DIR}" rev-parse HEAD 2>/dev/null || echo unknown)"
+  code="${code} + local changes $(git -C "${REPO_DIR}" diff HEAD -- megatron_csd tools 2>/dev/null | cksum | cut -d' ' -f1)"
 
   local data_fp="data: code ${code}; toy --num-train ${EMBEDDED_NUM_TRAIN} --num-valid 400; prepare --seq-length 80 --template dolly"
   pick="$(pick_stage_dir "${work}/data" "${data_fp}" data_outputs_ok)"
