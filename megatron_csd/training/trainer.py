@@ -264,7 +264,8 @@ class Trainer:
         if len(validation) < 2:
             return
         first, last = validation[0], validation[-1]
-        self.writer.print(f"[megatron_csd] held-out response CE (student): {first['ce']:.4f} "
+        role = "sft model" if self.config.mode == "sft" else "student"  # sft trains e.g. a teacher
+        self.writer.print(f"[megatron_csd] held-out response CE ({role}): {first['ce']:.4f} "
                           f"(iter {first['iteration']}) -> {last['ce']:.4f} (iter {last['iteration']})")
         if "kd" in last:
             loss = self.config.loss
