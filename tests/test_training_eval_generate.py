@@ -1,0 +1,82 @@
+"""The trainer's --eval-generate-* hook: records in metrics.jsonl, generations saved, training
+unchanged; and the config flags."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.spawn import run_distributed
+from tests.test_training_common import build_workspace, save_initial_models, tiny_config
+
+EVAL_KEYS = {"iteration", "split", "num_prompts", "rougeL", "rougeL_std", "exact_match",
+             "exact_match_std", "response_loss", "response_tokens", "gen_length", "gen_length_std",
+             "distinct_1", "distinct_1_std", "distinct_2", "distinct_2_std", "self_bleu",
+             "self_bleu_std", "eval_time_s"}
+
+
+def _train_with_and_without_hook(rank, world_size, workspace, out_file, fake):
+    from megatron_csd.parallel.initialize import destroy_parallel
+    from megatron_csd.training.trainer import Trainer
+    from tests.evaluation.common import fake_generate
+
+    save_initial_models(workspace)
+    losses = {}
+    for name, hook in (("plain", {}), ("hooked", {"interval": 1, "data": workspace["valid_jsonl"],
+                                                  "num_samples": 4, "seeds": "10,20", "max_new_tokens": 4})):
+        config = tiny_config(workspace, os.path.join(workspace["root"], name), mode="sft",
+                             train_iters=2, eval_generate=hook)
+        trainer = Trainer(config)
+        if fake:
+            trainer.eval_generate.generate_batch = fake_generate
+        losses[name] = trainer.run().train_losses
+        destroy_parallel()
+    with open(out_file, "w") as handle:
+        json.dump(losses, handle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fake", [True], ids=["fake_generation"])
+def test_eval_generate_hook_logs_to_metrics_jsonl(tmp_path, fake):
+    workspace = build_workspace(str(tmp_path))
+    out_file = str(tmp_path / "losses.json")
+    run_distributed(_train_with_and_without_hook, 1, workspace, out_file, fake)
+    with open(out_file) as handle:
+        losses = json.load(handle)
+    assert losses["hooked"] == losses["plain"], "the evaluation hook changed training"
+    run_dir = tmp_path / "hooked"
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evals = [r for r in records if r.get("split") == "eval_generate"]
+    assert [r["iteration"] for r in evals] == [1, 2]
+    for record in evals:
+        assert set(record) == EVAL_KEYS
+        assert record["num_prompts"] == 4 and record["response_tokens"] > 0
+        assert 0.0 <= record["rougeL"] <= 100.0 and record["response_loss"] > 0
+        assert record["self_bleu"] is not None  # two seeds
+    saved = sorted(os.listdir(run_dir / "eval_generate"))
+    assert saved == ["generations_iter_0000001.jsonl", "generations_iter_0000002.jsonl"]
+    lines = (run_dir / "eval_generate" / saved[0]).read_text().splitlines()
+    assert len(lines) == 8  # 4 prompts x 2 seeds
+    assert not any(r.get("split") == "eval_generate" for r in
+                   (json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")))
+
+
+def test_eval_generate_flags_parse_and_validate():
+    from megatron_csd.training.config_io import parse_config
+
+    base = ["--mode", "sft", "--student-preset", "tiny-gemma", "--train-data", "t.jsonl",
+            "--tokenizer", "tok.model"]
+    config = parse_config(base + ["--eval-generate-interval", "5", "--eval-generate-data", "v.jsonl",
+                                  "--eval-generate-seeds", "10, 20,30", "--eval-generate-max-new-tokens", "16",
+                                  "--eval-generate-num-samples", "8"])
+    section = config.eval_generate
+    assert (section.interval, section.data, section.seeds, section.max_new_tokens, section.num_samples) == \
+        (5, "v.jsonl", "10,20,30", 16, 8)
+    assert parse_config(base).eval_generate.interval == 0  # off by default
+    with pytest.raises(ValueError, match="--eval-generate-data"):
+        parse_config(base + ["--eval-generate-interval", "5"])
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        parse_config(base + ["--eval-generate-seeds", "ten"])
+    with pytest.raises(ValueError, match="distinct"):
+        parse_config(base + ["--eval-generate-seeds", "1,1"])
