@@ -21,7 +21,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "tokenizers"],
+        "test": ["pytest", "transformers>=4.40", "tokenizers", "rouge-score", "sacrebleu"],
+        # megatron_csd.evaluation and the trainer's --eval-generate-* hook
+        "eval": ["rouge-score", "sacrebleu"],
         "hf": ["transformers>=4.40", "tokenizers"],
         # Transformer Engine is GPU-only; never install it on a CPU machine (see README).
         "gpu": ["transformer-engine[pytorch]"],

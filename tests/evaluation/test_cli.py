@@ -1,0 +1,51 @@
+"""The evaluation CLI's input checks: one-line errors before any model is loaded."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_csd.evaluation.cli import main
+from megatron_csd.evaluation.settings import EvalSettings, TestFile
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "response": "b"}\n')
+    base = ["--load", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    cases = [
+        (["--test-file", "a b=" + str(data)], "test file name 'a b'"),
+        (["--test-file", "average=" + str(data)], "not one of ['average']"),
+        (["--test-file", "x=" + str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--test-file", "x=" + str(data), "--test-file", "x=" + str(data)], "must be unique"),
+        (["--test-file", str(data), "--temperature", "0"], "temperature must be > 0"),
+        (["--test-file", str(data), "--seeds", "1", "1"], "seeds must be distinct"),
+        (["--test-file", str(data), "--template", "chatml"], "unknown prompt template"),
+    ]
+    for extra, message in cases:
+        code, err = _run(base + extra, capsys)
+        assert code == 2 and err.startswith("error:") and message in err and "\n" not in err, (extra, err)
+
+
+def test_cli_refuses_an_output_dir_with_earlier_results(tmp_path, capsys):
+    data = tmp_path / "dolly.jsonl"
+    data.write_text('{"instruction": "a", "response": "b"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    code, err = _run(["--load", str(tmp_path), "--test-file", str(data), "--output-dir", str(out)], capsys)
+    assert code == 2 and "already holds evaluation results" in err
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_test_file_names_and_default_settings():
+    assert TestFile.parse("data/dolly_test.jsonl") == TestFile("dolly_test", "data/dolly_test.jsonl")
+    assert TestFile.parse("vicuna=v.jsonl") == TestFile("vicuna", "v.jsonl")
+    settings = EvalSettings()
+    assert settings.seeds == (10, 20, 30, 40, 50)
+    assert (settings.temperature, settings.top_k, settings.top_p, settings.greedy) == (1.0, 0, 1.0, False)
+    with pytest.raises(ValueError, match="top_p"):
+        EvalSettings(top_p=0)
