@@ -1,5 +1,5 @@
-"""The trainer's --eval-generate-* hook: records in metrics.jsonl, generations saved, training
-unchanged; and the config flags."""
+"""The trainer's --eval-generate-* hook (real generation): records in metrics.jsonl, generations
+saved, training unchanged; the evaluation CLI on the trainer's save dir; the config flags."""
 from __future__ import annotations
 
 import json
@@ -16,10 +16,10 @@ EVAL_KEYS = {"iteration", "split", "num_prompts", "rougeL", "rougeL_std", "exact
              "self_bleu_std", "eval_time_s"}
 
 
-def _train_with_and_without_hook(rank, world_size, workspace, out_file, fake):
+def _train_with_and_without_hook(rank, world_size, workspace, out_file):
+    from megatron_csd.evaluation.cli import main
     from megatron_csd.parallel.initialize import destroy_parallel
     from megatron_csd.training.trainer import Trainer
-    from tests.evaluation.common import fake_generate
 
     save_initial_models(workspace)
     losses = {}
@@ -27,23 +27,31 @@ def _train_with_and_without_hook(rank, world_size, workspace, out_file, fake):
                                                   "num_samples": 4, "seeds": "10,20", "max_new_tokens": 4})):
         config = tiny_config(workspace, os.path.join(workspace["root"], name), mode="sft",
                              train_iters=2, eval_generate=hook)
-        trainer = Trainer(config)
-        if fake:
-            trainer.eval_generate.generate_batch = fake_generate
-        losses[name] = trainer.run().train_losses
+        losses[name] = Trainer(config).run().train_losses
         destroy_parallel()
+    # The evaluation CLI reads a trainer save dir (its latest iter_*; tokenizer stored there).
+    root = workspace["root"]
+    assert main(["--load", os.path.join(root, "hooked", "checkpoints"), "--test-file",
+                 f"valid={workspace['valid_jsonl']}", "--num-samples", "3", "--seeds", "1",
+                 "--max-new-tokens", "4", "--device", "cpu", "--quiet",
+                 "--output-dir", os.path.join(root, "cli_eval")]) == 0
     with open(out_file, "w") as handle:
         json.dump(losses, handle)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fake", [True], ids=["fake_generation"])
-def test_eval_generate_hook_logs_to_metrics_jsonl(tmp_path, fake):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("eval_generate_hook")
     workspace = build_workspace(str(tmp_path))
     out_file = str(tmp_path / "losses.json")
-    run_distributed(_train_with_and_without_hook, 1, workspace, out_file, fake)
+    run_distributed(_train_with_and_without_hook, 1, workspace, out_file)
     with open(out_file) as handle:
-        losses = json.load(handle)
+        return tmp_path, json.load(handle)
+
+
+@pytest.mark.slow
+def test_eval_generate_hook_logs_to_metrics_jsonl(trained):
+    tmp_path, losses = trained
     assert losses["hooked"] == losses["plain"], "the evaluation hook changed training"
     run_dir = tmp_path / "hooked"
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -60,6 +68,15 @@ def test_eval_generate_hook_logs_to_metrics_jsonl(tmp_path, fake):
     assert len(lines) == 8  # 4 prompts x 2 seeds
     assert not any(r.get("split") == "eval_generate" for r in
                    (json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")))
+
+
+@pytest.mark.slow
+def test_evaluation_cli_reads_a_trainer_save_dir(trained):
+    tmp_path, _ = trained
+    results = json.loads((tmp_path / "cli_eval" / "results.json").read_text())
+    assert results["files"]["valid"]["num_prompts"] == 3
+    assert results["files"]["valid"]["metrics"]["response_loss"]["mean"] > 0
+    assert len((tmp_path / "cli_eval" / "generations_valid.jsonl").read_text().splitlines()) == 3
 
 
 def test_eval_generate_flags_parse_and_validate():

@@ -63,8 +63,18 @@ def _precision(precision: str, device: str) -> str:
     return precision
 
 
+def _check_tokenizer(tokenizer, model_config, directory: str) -> None:
+    if tokenizer is None:
+        raise ValueError(f"{directory} holds no tokenizer (tokenizer.model / tokenizer.json); "
+                         "pass --tokenizer PATH")
+    extra = model_config.vocab_size - tokenizer.vocab_size
+    if extra < 0 or extra > 1024:
+        raise ValueError(f"the model embeds {model_config.vocab_size} tokens but the tokenizer has "
+                         f"{tokenizer.vocab_size}: use the model's own tokenizer")
+
+
 def run(args) -> int:
-    from megatron_csd.evaluation.loading import load_model_for_eval
+    from megatron_csd.generation import load_for_generation
     from megatron_csd.evaluation.report import check_output_dir, format_table, write_results
     from megatron_csd.evaluation.runner import evaluate
     from megatron_csd.evaluation.settings import check_test_files
@@ -83,8 +93,9 @@ def run(args) -> int:
     ctx = initialize_parallel(device=device, tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=pp, seed=settings.seeds[0])
     try:
-        model, _, tokenizer, directory = load_model_for_eval(args.load, ctx, tokenizer=args.tokenizer,
-                                                             precision=precision)
+        model, model_config, tokenizer, directory = load_for_generation(
+            args.load, precision=precision, tokenizer=args.tokenizer)
+        _check_tokenizer(tokenizer, model_config, directory)
         result = evaluate(model, test_files, tokenizer, settings, ctx, vocab_size=tokenizer.vocab_size,
                           show_progress=not args.quiet)
         if ctx.rank == 0:

@@ -17,7 +17,9 @@ metric -- are identical at any DP. The teacher-forced loss is spread the same wa
 deterministic), so every rank returns the same result.
 
 The generator is injectable (``generate_batch``): a function ``(prompt_ids_list, seeds) ->
-[(completion_ids, finish_reason)]``; the default wraps ``megatron_csd.generation.generate``.
+[(completion_ids, finish_reason[, completion_text])]``; the default wraps
+``megatron_csd.generation.generate`` (its text is cut before a stop string; without a text the
+runner decodes the ids and cuts at the template's stop strings itself).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def default_generate_batch(model, settings: EvalSettings, *, vocab_size: int, to
         requests = [GenerationRequest(prompt_ids=list(p), seed=s) for p, s in zip(prompts, seeds)]
         results = generate(model, requests, params, vocab_size=vocab_size, tokenizer=tokenizer,
                            max_batch_size=len(requests))
-        return [(list(r.completion_ids), r.finish_reason) for r in results]
+        return [(list(r.completion_ids), r.finish_reason, r.completion) for r in results]
 
     return generate_batch
 
@@ -175,12 +177,14 @@ def evaluate(model, test_files: Sequence[TestFile], tokenizer, settings: EvalSet
                 bar.update()
             generations = []
             for j, (k, i) in enumerate(requests):
-                ids, reason = answers[j]
+                ids, reason = answers[j][:2]
+                text = answers[j][2] if len(answers[j]) > 2 and answers[j][2] is not None \
+                    else _cut(tokenizer.decode(ids), stop_strings)
                 generations.append({
                     "file": test_file.name, "index": i, "seed": settings.seeds[k],
                     "prompt": render(records[i], settings.template).prompt,
                     "reference": records[i].response,
-                    "completion": _cut(tokenizer.decode(ids), stop_strings),
+                    "completion": text,
                     "completion_ids": [int(t) for t in ids], "finish_reason": reason})
             by_seed = [generations[k * n:(k + 1) * n] for k in range(num_seeds)]
             metrics = file_metrics([[g["completion"] for g in seed] for seed in by_seed],

@@ -55,7 +55,7 @@ def _dense_loss(model, tokenizer, records) -> float:
 
 def _evaluate_layouts(rank, world_size, workspace, layouts, out_file, reference_checks):
     from megatron_csd.evaluation import evaluate, write_results
-    from megatron_csd.evaluation.loading import load_model_for_eval
+    from megatron_csd.generation import load_for_generation
     from megatron_csd.evaluation.runner import _load_records
     from megatron_csd.parallel.initialize import destroy_parallel, initialize_parallel
 
@@ -65,7 +65,7 @@ def _evaluate_layouts(rank, world_size, workspace, layouts, out_file, reference_
     for tp, pp in layouts:
         ctx = initialize_parallel(device="cpu", tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, seed=1)
-        model, _, tokenizer, _ = load_model_for_eval(workspace["model"], ctx, tokenizer=None, precision="fp32")
+        model, _, tokenizer, _ = load_for_generation(workspace["model"])
         result = evaluate(model, _files(workspace), tokenizer, _settings(), ctx,
                           vocab_size=tokenizer.vocab_size, generate_batch=fake_generate, show_progress=False)
         assert not model.training
