@@ -93,8 +93,11 @@ def run(args) -> int:
     ctx = initialize_parallel(device=device, tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=pp, seed=settings.seeds[0])
     try:
-        model, model_config, tokenizer, directory = load_for_generation(
-            args.load, precision=precision, tokenizer=args.tokenizer)
+        from megatron_csd.models.checkpoint import resolve_model_checkpoint
+
+        model, model_config, tokenizer = load_for_generation(args.load, precision=precision,
+                                                             tokenizer=args.tokenizer)
+        directory = str(resolve_model_checkpoint(args.load))
         _check_tokenizer(tokenizer, model_config, directory)
         result = evaluate(model, test_files, tokenizer, settings, ctx, vocab_size=tokenizer.vocab_size,
                           show_progress=not args.quiet)

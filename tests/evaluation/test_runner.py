@@ -65,7 +65,7 @@ def _evaluate_layouts(rank, world_size, workspace, layouts, out_file, reference_
     for tp, pp in layouts:
         ctx = initialize_parallel(device="cpu", tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, seed=1)
-        model, _, tokenizer, _ = load_for_generation(workspace["model"])
+        model, _, tokenizer = load_for_generation(workspace["model"])
         result = evaluate(model, _files(workspace), tokenizer, _settings(), ctx,
                           vocab_size=tokenizer.vocab_size, generate_batch=fake_generate, show_progress=False)
         assert not model.training
