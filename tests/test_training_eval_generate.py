@@ -97,3 +97,19 @@ def test_eval_generate_flags_parse_and_validate():
         parse_config(base + ["--eval-generate-seeds", "ten"])
     with pytest.raises(ValueError, match="distinct"):
         parse_config(base + ["--eval-generate-seeds", "1,1"])
+
+
+def test_eval_generate_refuses_what_it_cannot_run(tmp_path):
+    from megatron_csd.training.config_io import parse_config
+    from megatron_csd.training.generation_eval import check_eval_generate
+
+    data = tmp_path / "v.jsonl"
+    data.write_text('{"instruction": "a", "response": "b"}\n')
+    base = ["--mode", "sft", "--student-preset", "tiny-gemma", "--train-data", "t.jsonl",
+            "--tokenizer", "tok.model", "--eval-generate-interval", "2"]
+    with pytest.raises(ValueError, match="is not a file"):
+        check_eval_generate(parse_config(base + ["--eval-generate-data", str(tmp_path / "none.jsonl")]))
+    with pytest.raises(ValueError, match="--sequence-parallel"):
+        check_eval_generate(parse_config(base + ["--eval-generate-data", str(data), "--tensor-model-parallel-size",
+                                                 "2", "--sequence-parallel"]))
+    check_eval_generate(parse_config(base + ["--eval-generate-data", str(data)]))  # fine

@@ -45,6 +45,17 @@ def _unique_path(path: Path) -> Path:
     return candidate
 
 
+def check_eval_generate(config) -> None:
+    """ValueError for settings the hook cannot run with (checked when the trainer starts)."""
+    cfg = config.eval_generate
+    if not os.path.isfile(cfg.data):
+        raise ValueError(f"eval_generate.data {cfg.data} is not a file (a held-out instruction JSONL)")
+    if config.parallel.sequence_parallel:
+        raise ValueError("--eval-generate-interval does not work with --sequence-parallel: the "
+                         "generator decodes without sequence parallelism. Drop one of them, or "
+                         "evaluate saved checkpoints with python -m megatron_csd.evaluation")
+
+
 class GenerationEvalHook:
     def __init__(self, trainer):
         from megatron_csd.evaluation import EvalSettings, TestFile
@@ -56,8 +67,7 @@ class GenerationEvalHook:
         self.generate_batch = None  # None: megatron_csd.generation (tests inject a stand-in)
         if not self.interval:
             return
-        if not os.path.isfile(cfg.data):
-            raise ValueError(f"eval_generate.data {cfg.data} is not a file (a held-out instruction JSONL)")
+        check_eval_generate(trainer.config)
         self.test_file = TestFile("eval_generate", cfg.data)
         self.settings = EvalSettings(seeds=parse_seeds(cfg.seeds), max_new_tokens=cfg.max_new_tokens,
                                      num_samples=cfg.num_samples, template=_template(trainer.config),
