@@ -24,7 +24,7 @@ def _train_with_and_without_hook(rank, world_size, workspace, out_file):
     save_initial_models(workspace)
     losses = {}
     for name, hook in (("plain", {}), ("hooked", {"interval": 1, "data": workspace["valid_jsonl"],
-                                                  "num_samples": 4, "seeds": "10,20", "max_new_tokens": 4})):
+                                                  "num_samples": 8, "seeds": "10,20", "max_new_tokens": 4})):
         config = tiny_config(workspace, os.path.join(workspace["root"], name), mode="sft",
                              train_iters=2, eval_generate=hook)
         losses[name] = Trainer(config).run().train_losses
@@ -59,13 +59,18 @@ def test_eval_generate_hook_logs_to_metrics_jsonl(trained):
     assert [r["iteration"] for r in evals] == [1, 2]
     for record in evals:
         assert set(record) == EVAL_KEYS
-        assert record["num_prompts"] == 4 and record["response_tokens"] > 0
+        assert record["num_prompts"] == 8 and record["response_tokens"] > 0
         assert 0.0 <= record["rougeL"] <= 100.0 and record["response_loss"] > 0
         assert record["self_bleu"] is not None  # two seeds
     saved = sorted(os.listdir(run_dir / "eval_generate"))
     assert saved == ["generations_iter_0000001.jsonl", "generations_iter_0000002.jsonl"]
     lines = (run_dir / "eval_generate" / saved[0]).read_text().splitlines()
-    assert len(lines) == 8  # 4 prompts x 2 seeds
+    assert len(lines) == 16  # 8 prompts x 2 seeds
+    # The teacher-forced loss is the trainer's own validation CE on the same 8 held-out samples
+    # (eval_samples 8, same seq_length) after the same step: two independent code paths.
+    valid = [r for r in records if r.get("split") == "valid" and r["iteration"] == 2]
+    assert len(valid) == 1 and valid[0]["response_tokens"] == evals[-1]["response_tokens"]
+    assert evals[-1]["response_loss"] == pytest.approx(valid[0]["ce"], rel=1e-5)
     assert not any(r.get("split") == "eval_generate" for r in
                    (json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")))
 
