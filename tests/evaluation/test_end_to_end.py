@@ -1,6 +1,6 @@
 """The evaluation CLI end to end with the real generator on a tiny converted-layout checkpoint:
 ``tools/evaluate.py`` in a subprocess (TP1, DP1) against the same command at DP 2 (identical
-results files) and TP 2 (identical generations, loss to rtol 1e-5) in a 2-process world."""
+results files), TP 2 and PP 2 (identical generations, loss to rtol 1e-5) in a 2-process world."""
 from __future__ import annotations
 
 import json
@@ -41,14 +41,8 @@ def test_cli_end_to_end_and_layout_independent(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROUGE-L" in proc.stdout and "average" in proc.stdout and "results.json" in proc.stdout
-    # A second run into the same folder is refused with one line, nothing overwritten.
-    before = (tmp_path / "ref" / "results.json").read_text()
-    again = subprocess.run([sys.executable, "-m", "megatron_csd.evaluation", *_args(workspace, ref_dir)],
-                           env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
-    assert again.returncode == 2 and "already holds evaluation results" in again.stderr
-    assert (tmp_path / "ref" / "results.json").read_text() == before
-
-    runs = [(str(tmp_path / "dp2"), []), (str(tmp_path / "tp2"), ["--tensor-model-parallel-size", "2"])]
+    runs = [(str(tmp_path / "dp2"), []), (str(tmp_path / "tp2"), ["--tensor-model-parallel-size", "2"]),
+            (str(tmp_path / "pp2"), ["--pipeline-model-parallel-size", "2"])]
     run_distributed(_cli_in_world, 2, workspace, runs)
 
     def load(name):
@@ -59,13 +53,14 @@ def test_cli_end_to_end_and_layout_independent(tmp_path):
 
     ref, ref_gen = load("ref")
     dp2, dp2_gen = load("dp2")
-    tp2, tp2_gen = load("tp2")
     assert dp2 == ref and dp2_gen == ref_gen, "DP 2 differs from DP 1"
-    assert tp2_gen == ref_gen, "TP 2 sampled other tokens than TP 1"
-    for name in ("toy", "train"):
-        got, want = tp2["files"][name]["metrics"], ref["files"][name]["metrics"]
-        assert got["response_loss"]["mean"] == pytest.approx(want["response_loss"]["mean"], rel=1e-5)
-        assert got["rougeL"] == want["rougeL"] and got["self_bleu"] == want["self_bleu"]
+    for layout in ("tp2", "pp2"):
+        other, other_gen = load(layout)
+        assert other_gen == ref_gen, f"{layout} sampled other tokens than TP 1"
+        for name in ("toy", "train"):
+            got, want = other["files"][name]["metrics"], ref["files"][name]["metrics"]
+            assert got["response_loss"]["mean"] == pytest.approx(want["response_loss"]["mean"], rel=1e-5)
+            assert got["rougeL"] == want["rougeL"] and got["self_bleu"] == want["self_bleu"]
     # Real sampling: answers are non-trivial, the two seeds differ somewhere, lengths are bounded.
     toy = ref_gen["toy"]
     assert len(toy) == 8 and all(1 <= len(g["completion_ids"]) <= 6 for g in toy if g["finish_reason"] != "eos")
