@@ -19,11 +19,11 @@ setup(
         "pyyaml",
         "psutil",  # dist_checkpointing's filesystem writer needs it
         "numpy",
+        "rouge-score",  # megatron_csd.evaluation: ROUGE-L as MiniLLM / DistiLLM report it
+        "sacrebleu",    # megatron_csd.evaluation: self-BLEU
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "tokenizers", "rouge-score", "sacrebleu"],
-        # megatron_csd.evaluation and the trainer's --eval-generate-* hook
-        "eval": ["rouge-score", "sacrebleu"],
+        "test": ["pytest", "transformers>=4.40", "tokenizers"],
         "hf": ["transformers>=4.40", "tokenizers"],
         # Transformer Engine is GPU-only; never install it on a CPU machine (see README).
         "gpu": ["transformer-engine[pytorch]"],

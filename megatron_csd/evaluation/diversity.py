@@ -47,7 +47,7 @@ def _bleu():
         from sacrebleu.metrics import BLEU
     except ImportError as err:
         raise ImportError("evaluation needs the 'sacrebleu' package: pip install sacrebleu "
-                          "(or pip install -e '.[eval]')") from err
+                          "(a dependency of megatron_csd)") from err
     return BLEU(effective_order=True)
 
 

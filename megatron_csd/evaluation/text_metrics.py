@@ -29,7 +29,7 @@ _PUNCTUATION = set(string.punctuation)
 
 def _missing(package: str, pip_name: str) -> ImportError:
     return ImportError(f"evaluation needs the '{package}' package: pip install {pip_name} "
-                       "(or pip install -e '.[eval]')")
+                       "(a dependency of megatron_csd)")
 
 
 @lru_cache(maxsize=1)

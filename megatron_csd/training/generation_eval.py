@@ -50,6 +50,9 @@ def check_eval_generate(config) -> None:
     cfg = config.eval_generate
     if not os.path.isfile(cfg.data):
         raise ValueError(f"eval_generate.data {cfg.data} is not a file (a held-out instruction JSONL)")
+    from megatron_csd.evaluation import rouge_l, sentence_bleu
+
+    rouge_l("a", "a"), sentence_bleu("a", ["a"])  # the scorers import now, not after N iterations
     if config.parallel.sequence_parallel:
         raise ValueError("--eval-generate-interval does not work with --sequence-parallel: the "
                          "generator decodes without sequence parallelism. Drop one of them, or "
