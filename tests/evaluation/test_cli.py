@@ -49,3 +49,22 @@ def test_test_file_names_and_default_settings():
     assert (settings.temperature, settings.top_k, settings.top_p, settings.greedy) == (1.0, 0, 1.0, False)
     with pytest.raises(ValueError, match="top_p"):
         EvalSettings(top_p=0)
+
+
+def test_progress_bar_prints_deciles_when_not_a_terminal_and_nothing_when_disabled():
+    import io
+
+    from megatron_csd.evaluation.progress import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(20, label="[evaluate]", stream=stream)
+    for _ in range(20):
+        bar.update()
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1].startswith("[evaluate] [") and " 20/20 " in lines[-1]
+    quiet = io.StringIO()
+    off = ProgressBar(20, stream=quiet, enabled=False)
+    off.update()
+    off.close()
+    assert quiet.getvalue() == ""
