@@ -4,7 +4,7 @@
   equal to transformers' generate(do_sample=False) on the same HF model, prompt by prompt;
 - sampled tokens (temperature, top-k, top-p, per-request seeds) identical at every layout
   (TP 4: the LLaMA model only, to save time), and identical whether a request runs in a batch
-  or alone;
+  or alone; generation stops at eos (PP 2) without keeping it;
 - the vocab-parallel sampler at TP 4 on random logits equals the one-rank sampler;
 - the empirical distribution of 4000 sampled first tokens from the model at TP 2 fits
   softmax(logits / T) restricted by top-k / top-p of the HF model (chi-square).
@@ -51,6 +51,11 @@ def _body(rank, world_size, root):
             sampled = generate(model, requests, SamplingParams(**SAMPLING), vocab_size=cfg.vocab_size)
             out[f"{name}/tp{tp}pp{pp}/greedy"] = [(r.completion_ids, r.finish_reason) for r in greedy]
             out[f"{name}/tp{tp}pp{pp}/sampled"] = [r.completion_ids for r in sampled]
+            if (tp, pp) == (1, 2):  # stop at an eos id that greedy decoding reaches at step 3
+                eos = greedy[0].completion_ids[3]
+                stopped = generate(model, requests, SamplingParams(greedy=True, max_new_tokens=MAX_NEW, eos_id=eos),
+                                   vocab_size=cfg.vocab_size)
+                out[f"{name}/eos"] = (eos, [(r.completion_ids, r.finish_reason) for r in stopped])
             if (tp, pp) == (1, 1):
                 alone = [generate(model, [req], SamplingParams(**SAMPLING), vocab_size=cfg.vocab_size)[0]
                          for req in requests]
@@ -95,6 +100,19 @@ def test_greedy_matches_transformers_generate_at_tp_and_pp(generated, name, tp, 
     for prompt, (ids, reason) in zip(PROMPTS, got):
         assert ids == hf_greedy(models[name], prompt, MAX_NEW), prompt
         assert reason == ("length" if len(ids) == MAX_NEW else "eos")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma", "llama", "gpt2"])
+def test_generation_stops_at_eos_without_keeping_it_at_pp2(generated, name):
+    _, results = generated
+    eos, stopped = results[f"{name}/eos"]
+    for (full, _), (ids, reason) in zip(results[f"{name}/tp1pp1/greedy"], stopped):
+        if eos in full:
+            assert (ids, reason) == (full[:full.index(eos)], "eos")
+        else:
+            assert (ids, reason) == (full, "length")
+    assert stopped[0][1] == "eos" and len(stopped[0][0]) <= 3
 
 
 @pytest.mark.slow
