@@ -112,9 +112,9 @@ def _write_jsonl(path: str, records, results) -> None:
 def run(args) -> int:
     import torch.distributed as dist
 
-    from megatron_csd.generation.engine import generate
+    from megatron_csd.generation.engine import check_requests, generate
     from megatron_csd.generation.inputs import read_requests
-    from megatron_csd.generation.loading import load_for_generation
+    from megatron_csd.generation.loading import find_tokenizer, load_for_generation
     from megatron_csd.models.builder import check_parallel_compatible
     from megatron_csd.models.checkpoint import load_model_config, resolve_model_checkpoint
     from megatron_csd.parallel.initialize import initialize_parallel, resolve_device
@@ -123,20 +123,24 @@ def run(args) -> int:
     if not os.path.isdir(args.load):
         raise ValueError(f"--load {args.load} is not a directory (a converted model, a trainer "
                          "save dir or an iter_* dir)")
-    cfg = load_model_config(resolve_model_checkpoint(args.load))
+    # Everything the user can get wrong is checked before the process group and the model.
+    directory = str(resolve_model_checkpoint(args.load))
+    cfg = load_model_config(directory)
     check_parallel_compatible(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    tokenizer = find_tokenizer(directory, args.tokenizer)
+    params = sampling_params_from_args(args, tokenizer=tokenizer, vocab_size=cfg.vocab_size)
+    records, requests = read_requests(args.input, tokenizer=tokenizer, template=args.template,
+                                      base_seed=args.seed or 0)
+    check_requests(requests, params, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
     ctx = initialize_parallel(device=resolve_device(args.device),
                               tensor_model_parallel_size=args.tensor_model_parallel_size,
                               pipeline_model_parallel_size=args.pipeline_model_parallel_size, seed=0)
-    loaded = load_for_generation(args.load, precision=args.precision, tokenizer=args.tokenizer)
-    params = sampling_params_from_args(args, tokenizer=loaded.tokenizer, vocab_size=cfg.vocab_size)
-    records, requests = read_requests(args.input, tokenizer=loaded.tokenizer, template=args.template,
-                                      base_seed=args.seed or 0)
+    loaded = load_for_generation(directory, precision=args.precision, load_tokenizer=False)
     # Data-parallel replicas take contiguous slices; rank 0 collects them in order.
     per_replica = -(-len(requests) // ctx.dp_size)
     mine = requests[ctx.dp_rank * per_replica:(ctx.dp_rank + 1) * per_replica]
     results = generate(loaded.model, mine, params, vocab_size=cfg.vocab_size,
-                       tokenizer=loaded.tokenizer, max_batch_size=args.max_batch_size) if mine else []
+                       tokenizer=tokenizer, max_batch_size=args.max_batch_size) if mine else []
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, (ctx.dp_rank, ctx.tp_rank, ctx.pp_rank, results))
     if ctx.rank == 0:

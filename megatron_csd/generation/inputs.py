@@ -70,7 +70,11 @@ def read_requests(path: str, *, tokenizer, template: str, base_seed: int):
     except OSError as err:
         raise ValueError(f"--input {path}: cannot be read ({err.strerror})") from None
     with handle:
-        for number, line in enumerate(handle, start=1):
+        try:
+            lines = handle.readlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--input {path} is not UTF-8 text ({err.reason})") from None
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
