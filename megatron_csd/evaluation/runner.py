@@ -146,6 +146,14 @@ def evaluate(model, test_files: Sequence[TestFile], tokenizer, settings: EvalSet
         generate_batch = default_generate_batch(model, settings, vocab_size=vocab_size, tokenizer=tokenizer)
     stop_strings = TEMPLATE_STOP_STRINGS[settings.template]
     loaded = [(f, _load_records(f, settings)) for f in test_files]
+    prompts_of = {f.name: [encode_prompt(r, settings.template, tokenizer, settings.max_prompt_length)
+                           for r in records] for f, records in loaded}
+    positions = getattr(model, "max_sequence_length", None)
+    for name, prompts in prompts_of.items():
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        if positions is not None and len(prompts[longest]) >= positions:
+            raise ValueError(f"test file {name}, record {longest}: the prompt has {len(prompts[longest])} "
+                             f"tokens, the model only {positions} positions; pass --max-prompt-length")
     num_seeds, size = len(settings.seeds), settings.batch_size
     my_batches = [len(range(ctx.dp_rank, -(-len(records) * num_seeds // size), ctx.dp_size))
                   for _, records in loaded]
@@ -157,8 +165,7 @@ def evaluate(model, test_files: Sequence[TestFile], tokenizer, settings: EvalSet
     result = EvaluationResult(settings=settings)
     try:
         for test_file, records in loaded:
-            prompts = [encode_prompt(r, settings.template, tokenizer, settings.max_prompt_length)
-                       for r in records]
+            prompts = prompts_of[test_file.name]
             n = len(records)
             requests = [(k, i) for k in range(num_seeds) for i in range(n)]
             mine = {}

@@ -68,3 +68,31 @@ def test_progress_bar_prints_deciles_when_not_a_terminal_and_nothing_when_disabl
     off.update()
     off.close()
     assert quiet.getvalue() == ""
+
+
+def test_prompts_longer_than_the_model_are_refused_before_generating(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_csd.data import load_tokenizer
+    from megatron_csd.evaluation import evaluate
+    from tests.evaluation.common import build_eval_workspace
+
+    workspace = build_eval_workspace(tmp_path)
+    tokenizer = load_tokenizer(workspace["tokenizer"])
+    ctx = SimpleNamespace(rank=0, dp_rank=0, dp_size=1, tp_size=1)
+    calls = []
+
+    def generate_batch(prompts, seeds):
+        calls.append(len(prompts))
+        return [([5, 6], "length") for _ in prompts]
+
+    model = SimpleNamespace(training=False, max_sequence_length=8, eval=lambda: None, train=lambda mode: None)
+    settings = EvalSettings(seeds=(1,), num_samples=2, response_loss=False)
+    with pytest.raises(ValueError, match=r"test file toy, record \d+: the prompt has .* tokens, the model only 8 positions"):
+        evaluate(model, [TestFile("toy", workspace["valid"])], tokenizer, settings, ctx,
+                 vocab_size=tokenizer.vocab_size, generate_batch=generate_batch, show_progress=False)
+    assert calls == []
+    model.max_sequence_length = 4096
+    result = evaluate(model, [TestFile("toy", workspace["valid"])], tokenizer, settings, ctx,
+                      vocab_size=tokenizer.vocab_size, generate_batch=generate_batch, show_progress=False)
+    assert calls == [2] and result.files["toy"].metrics["gen_length"]["mean"] == 2.0
