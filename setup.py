@@ -21,6 +21,8 @@ setup(
         "pyyaml",
         "psutil",  # dist_checkpointing's filesystem writer needs it
         "numpy",
+        "rouge-score",  # megatron_csd.evaluation: ROUGE-L as MiniLLM / DistiLLM report it
+        "sacrebleu",    # megatron_csd.evaluation: self-BLEU
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "tokenizers"],

@@ -13,6 +13,7 @@
       data          : DataConfig      train / valid JSONL and tokenizer
       checkpoint    : CheckpointConfig save dir / interval, load dir
       logging       : LoggingConfig   output dir, log interval, TensorBoard
+      eval_generate : EvalGenerateConfig  sampled-answer evaluation every N steps (eval_generate_config.py)
 
 Every field is a plain JSON/YAML value, so ``asdict(config)`` is the resolved config that is
 written beside the run (``config.yaml``). Loading and command-line overrides live in
@@ -23,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from megatron_csd.training.eval_generate_config import EvalGenerateConfig
 
 MODES = ("distill", "sft")
 DEVICES = ("cpu", "cuda", "auto")
@@ -232,7 +235,7 @@ class LoggingConfig:
 SECTION_TYPES = {
     "student": ModelRef, "teacher": ModelRef, "loss": LossSection, "parallel": ParallelConfig,
     "optimizer": OptimizerConfig, "training": TrainingConfig, "data": DataConfig,
-    "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval_generate": EvalGenerateConfig,
 }
 
 
@@ -251,6 +254,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval_generate: EvalGenerateConfig = field(default_factory=EvalGenerateConfig)
 
     def __post_init__(self):
         for name, section_type in SECTION_TYPES.items():
