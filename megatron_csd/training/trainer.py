@@ -147,10 +147,12 @@ class Trainer:
     def _resume(self, load: str):
         from megatron_csd.training.checkpointing import load_checkpoint, resolve_checkpoint_dir
         from megatron_csd.training.metrics_file import trim_metrics_after_resume
+        from megatron_csd.training.optim import configured_lr_kept
 
         directory = resolve_checkpoint_dir(load)
-        state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
-                                optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
+        with configured_lr_kept(self.optimizer):  # --lr of this launch, not the checkpoint's
+            state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
         trim_metrics_after_resume(self.writer, self.iteration)  # one record per iteration
