@@ -94,10 +94,12 @@ def save_checkpoint(save_dir: str, iteration: int, **kwargs) -> str:
     A write that fails with an OSError (e.g. a full disk) on any rank raises CheckpointSaveError
     on every rank, naming the path, after removing ``iter_N.tmp`` (training/save_failure.py).
     """
-    from megatron_csd.training.save_failure import agree_on_save_failure
+    from megatron_csd.training.save_failure import CheckpointSaveError, agree_on_save_failure
 
     try:
         return _save_checkpoint(save_dir, iteration, **kwargs)
+    except CheckpointSaveError:  # already agreed on by every rank
+        raise
     except OSError as err:
         ctx = kwargs["ctx"]
         tmp = os.path.join(save_dir, iteration_dir_name(iteration)) + ".tmp"

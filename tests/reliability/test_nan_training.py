@@ -6,6 +6,7 @@ step 2 is computed from good weights (finite), its update wrecks them, and step 
 on (exit 0, NaN checkpoints). Now every rank stops at iteration 3 with one line naming the
 iteration and the metric, nothing is written for it, and iter_0000001 is byte-for-byte intact.
 """
+import json
 import os
 import re
 
@@ -42,3 +43,7 @@ def test_nan_from_a_huge_lr_at_tp2_stops_before_saving(tmp_path):
     with open(os.path.join(save, "latest")) as handle:
         assert handle.read().strip() == "iter_0000001"
     assert tree_digest(good) == before
+    with open(os.path.join(run, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    # The resumed launch ran at its own --lr (Megatron's param groups used to keep the saved one).
+    assert [r["lr"] for r in records if r.get("split") == "train" and r["iteration"] == 2] == [1e30]
