@@ -1,8 +1,9 @@
 """Per-row moment algebra of CSD (see csd.py): frames, shard combination, weight factors.
 
 All functions act on per-token statistics ([rows] or [rows, 3] tensors), never on [rows, V]
-logits, and communicate nothing. A row whose statistics are NaN stays NaN through every
-function here (no NaN is turned into a number), which is how invalid input reaches the loss.
+logits, and communicate nothing. They need not carry NaN themselves (safe_denominator maps a
+NaN total to 1): invalid rows are poisoned right before the SUM all-reduce, after which the
+combined moments and the loss are NaN, and the backward keys NaN gradients off the loss.
 """
 from __future__ import annotations
 
