@@ -32,13 +32,15 @@ def test_nan_from_a_huge_lr_at_tp2_stops_before_saving(tmp_path):
     second = torchrun(["--config", config, "--load", save, "--lr", "1e30", "--train-iters", "4",
                        "--save-interval", "3"], nproc=2)
     output = second.stdout
+    ours = [line for line in output.splitlines() if "megatron_csd" in line]
     assert second.returncode != 0, output[-3000:]
-    assert "resumed from" in output and "iter_0000001" in output  # the good checkpoint loads
+    assert any("resumed from" in line and "iter_0000001" in line for line in ours), ours  # it loads
     stops = [line for line in output.splitlines() if line.startswith("megatron_csd: run stopped:")]
     assert len(stops) == 2, output[-3000:]  # one clear line per rank, no traceback needed
     for line in stops:
         assert re.search(r"non-finite (loss|ce|kd|grad_norm)\b.* at iteration 3 ", line), line
-    assert "Traceback" not in output, output[-3000:]
+    # No worker traceback (torchrun's own report of the failed child is expected).
+    assert not re.search(r'File ".*megatron_csd', output), output[-3000:]
     assert sorted(os.listdir(save)) == ["iter_0000001", "latest"]
     with open(os.path.join(save, "latest")) as handle:
         assert handle.read().strip() == "iter_0000001"
