@@ -88,9 +88,28 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, optimizer, scheduler,
-                    sampler_state: dict, ctx, tokenizer_path: Optional[str],
-                    student_source: Optional[str] = None) -> str:
+def save_checkpoint(save_dir: str, iteration: int, **kwargs) -> str:
+    """Write checkpoint ``iteration`` under ``save_dir`` (collective); see ``_save_checkpoint``.
+
+    A write that fails with an OSError (e.g. a full disk) on any rank raises CheckpointSaveError
+    on every rank, naming the path, after removing ``iter_N.tmp`` (training/save_failure.py).
+    """
+    from megatron_csd.training.save_failure import CheckpointSaveError, agree_on_save_failure
+
+    try:
+        return _save_checkpoint(save_dir, iteration, **kwargs)
+    except CheckpointSaveError:  # already agreed on by every rank
+        raise
+    except OSError as err:
+        ctx = kwargs["ctx"]
+        tmp = os.path.join(save_dir, iteration_dir_name(iteration)) + ".tmp"
+        agree_on_save_failure(err, tmp, rank=ctx.rank, device=ctx.device)
+        raise
+
+
+def _save_checkpoint(save_dir: str, iteration: int, *, student, model_config, optimizer, scheduler,
+                     sampler_state: dict, ctx, tokenizer_path: Optional[str],
+                     student_source: Optional[str] = None) -> str:
     """Write checkpoint ``iteration`` under ``save_dir`` (collective: every rank calls it).
 
     ``student_source``: the checkpoint folder the student started from, whose HF side files
@@ -105,6 +124,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
         record_checkpoint_source,
         save_model,
     )
+    from megatron_csd.training.save_failure import agree_on_save_failure
 
     final = os.path.join(save_dir, iteration_dir_name(iteration))
     tmp = final + ".tmp"
@@ -113,7 +133,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
             shutil.rmtree(tmp)  # debris of an earlier crash
         os.makedirs(os.path.join(tmp, "optimizer"))
         os.makedirs(os.path.join(tmp, "rng"))
-    dist.barrier()
+    agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)  # the barrier, + failures
     save_model(student, tmp, model_config)
     optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict(),
                                                    metadata=dict(_OPTIMIZER_METADATA))
@@ -135,7 +155,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
                         break
             if os.path.isfile(source):
                 shutil.copy2(source, os.path.join(tmp, os.path.basename(source)))
-    dist.barrier()
+    agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)  # the barrier, + failures
     published = publish_checkpoint(save_dir, tmp, iteration) if ctx.rank == 0 else None
     names = [published]
     dist.broadcast_object_list(names, src=0)
@@ -179,6 +199,9 @@ def publish_checkpoint(save_dir: str, tmp: str, iteration: int) -> str:
 
 def resolve_checkpoint_dir(load: str) -> str:
     """``load`` may be a save dir (its ``latest`` is used) or one ``iter_*`` directory."""
+    from megatron_csd.training.save_failure import reject_unfinished_save
+
+    reject_unfinished_save(load, state_file=STATE_FILE, latest_file=LATEST_FILE)
     if os.path.isfile(os.path.join(load, STATE_FILE)):
         return load
     latest = os.path.join(load, LATEST_FILE)

@@ -1,6 +1,7 @@
 """Command-line entry point: ``torchrun ... -m megatron_csd.training.cli [--config X.yaml] [flags]``.
 
-Bad configuration exits with status 2 and a one-line message (no stack trace); the resolved
+Bad configuration exits with status 2 and a one-line message (no stack trace); a run stopped by
+a non-finite metric or a failed checkpoint write exits with status 1 and one line; the resolved
 config, metrics and checkpoints land under ``--output-dir`` / ``--save``. Known-harmless upstream
 warnings are filtered here (``warning_filters``), not at library import.
 """
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
         print(f"megatron_csd: configuration error: {err}", file=sys.stderr)
         return 2
     announce_missing_gpu_extras()
+    from megatron_csd.training.guards import NonFiniteMetricError
+    from megatron_csd.training.save_failure import CheckpointSaveError
     from megatron_csd.training.trainer import run_training
 
     try:
@@ -35,6 +38,9 @@ def main(argv=None) -> int:
         # says what to change; a stack trace would only hide it.
         print(f"megatron_csd: error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteMetricError, CheckpointSaveError) as err:  # every rank stops, status 1
+        print(f"megatron_csd: run stopped: {err}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

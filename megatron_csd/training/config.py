@@ -187,9 +187,17 @@ class TrainingConfig:
     eval_interval: int = field(default=0, metadata=_flag("--eval-interval", "validate every N steps (0 = start and end only)"))
     eval_samples: int = field(default=0, metadata=_flag("--eval-samples", "held-out samples per evaluation (0 = the whole valid set)"))
     eval_at_start: bool = field(default=True, metadata=_flag("--eval-at-start", "validate before the first step"))
+    divergence_warning_factor: float = field(default=10.0, metadata=_flag("--divergence-warning-factor", "warn when the loss exceeds K x its running median (0 = off)"))
 
     def __post_init__(self):
-        _check_int("training.train_iters", self.train_iters, minimum=0)
+        if self.train_iters == 0:
+            raise ValueError("training.train_iters (--train-iters / TRAIN_ITERS) is 0: the run would "
+                             "train nothing; set the total number of optimizer steps (>= 1)")
+        _check_int("training.train_iters", self.train_iters, minimum=1)
+        _check_float("training.divergence_warning_factor", self.divergence_warning_factor, minimum=0.0)
+        if 0 < self.divergence_warning_factor <= 1:
+            raise ValueError(f"training.divergence_warning_factor must be > 1 (or 0 = off), got "
+                             f"{self.divergence_warning_factor}")
         _check_int("training.micro_batch_size", self.micro_batch_size, minimum=1)
         _check_int("training.global_batch_size", self.global_batch_size, minimum=1)
         _check_int("training.seq_length", self.seq_length, minimum=2)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_csd.training.config import TrainConfig, check_world_size
+from megatron_csd.training.guards import DivergenceMonitor, check_finite_metrics, check_finite_parameters
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Trainer:
         # (iteration, directory) of a checkpoint in save_dir that holds the current state:
         # written by this run, or the one just loaded when it is save_dir's latest.
         self.checkpoint_on_disk: Optional[tuple] = None
+        self.divergence = DivergenceMonitor(config.training.divergence_warning_factor, enabled=ctx.is_logging_rank)
         if config.checkpoint.load is not None:
             self._resume(config.checkpoint.load)
 
@@ -146,12 +148,16 @@ class Trainer:
 
     def _resume(self, load: str):
         from megatron_csd.training.checkpointing import load_checkpoint, resolve_checkpoint_dir
+        from megatron_csd.training.metrics_file import trim_metrics_after_resume
+        from megatron_csd.training.optim import configured_lr_kept
 
         directory = resolve_checkpoint_dir(load)
-        state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
-                                optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
+        with configured_lr_kept(self.optimizer):  # --lr of this launch, not the checkpoint's
+            state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
+        trim_metrics_after_resume(self.writer, self.iteration)  # one record per iteration
         if self._is_latest_of_save_dir(directory):
             self.checkpoint_on_disk = (self.iteration, directory)
         self.writer.print(f"[megatron_csd] resumed from {directory} at iteration {self.iteration}")
@@ -224,6 +230,7 @@ class Trainer:
             # The teacher layers of THIS rank's pipeline stage only (the whole teacher when
             # PP = 1); the logging rank (global rank 0) is on the first stage.
             record["teacher_forward_s"] = self.stage.teacher_forward_seconds()
+        check_finite_metrics(record, grad_norm_measured=grad_norm is not None, device=self.ctx.device)
         return record
 
     def evaluate(self) -> dict:
@@ -246,6 +253,7 @@ class Trainer:
     def save(self) -> str:
         from megatron_csd.training.checkpointing import save_checkpoint
 
+        check_finite_parameters(self.student, self.iteration, device=self.ctx.device)
         directory = save_checkpoint(self.save_dir, self.iteration, student=self.student,
                                     model_config=self.plan.student, optimizer=self.optimizer,
                                     scheduler=self.scheduler,
@@ -289,6 +297,7 @@ class Trainer:
     def _validate(self, result: TrainResult):
         record = self.evaluate()
         if record:
+            check_finite_metrics(record, device=self.ctx.device)
             result.validation.append(record)
             self.writer.log(record, console=self._console_valid(record))
 
@@ -303,8 +312,7 @@ class Trainer:
         while self.iteration < train_iters:
             record = self.train_step()
             result.train_losses.append(record["loss"])
-            if not math.isfinite(record["loss"]) and record["response_tokens"] > 0:
-                raise FloatingPointError(f"non-finite loss {record['loss']} at iteration {self.iteration}")
+            self.divergence.observe(self.iteration, record["loss"])  # a warning, never a stop
             if self.iteration % config.logging.log_interval == 0 or self.iteration == train_iters:
                 self.writer.log({"split": "train", **record}, console=self._console_train(record))
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration != train_iters:
