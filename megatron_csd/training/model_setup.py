@@ -152,4 +152,10 @@ def build_models(config: TrainConfig, plan: ModelPlan, *, pre_process: bool, pos
             warnings.warn("the teacher is a randomly initialised preset: fine for tests, "
                           "meaningless for distillation (give teacher.checkpoint)")
         freeze_teacher(teacher)
+    if config.training.packing:
+        from megatron_csd.models.packed_attention import enable_packed_positions
+
+        for model in (student, teacher):
+            if model is not None:
+                enable_packed_positions(model)  # refuses layer specs that cannot isolate samples
     return student, teacher

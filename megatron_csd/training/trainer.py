@@ -141,9 +141,12 @@ class Trainer:
         from megatron_csd.data import BatchIterator, ResumableSampler
         from megatron_csd.training.data_setup import to_device
 
-        sampler = ResumableSampler(len(self.data.train), seed=self.config.training.seed,
+        from megatron_csd.training.packing_setup import training_rows
+
+        rows = training_rows(self.config, self.data.train, self.writer)  # packed bins or samples
+        sampler = ResumableSampler(len(rows), seed=self.config.training.seed,
                                    dp_rank=self.ctx.dp_rank, dp_size=self.dp_size)
-        self.train_batches = BatchIterator(self.data.train, sampler, self.config.training.micro_batch_size)
+        self.train_batches = BatchIterator(rows, sampler, self.config.training.micro_batch_size)
         self.train_iterator = to_device(self.train_batches, self.ctx.device)
 
     def _resume(self, load: str):
