@@ -98,6 +98,34 @@ def _reference_body(rank, world_size, workspace):
     leaky_before, leaky_after = logits(row["tokens"], None), logits(changed, None)
     assert not torch.allclose(leaky_before[seg == 1], leaky_after[seg == 1])
     destroy_parallel()
+    _run_and_resume_with_packing(workspace)
+
+
+def _run_and_resume_with_packing(workspace):
+    """`--packing` end to end: the start-up padding report, finite losses, a resume that
+    continues exactly (the sampler's cursor walks packed rows)."""
+    import contextlib
+    import io
+    import math
+
+    from megatron_csd.parallel.initialize import destroy_parallel
+    from megatron_csd.training.trainer import run_training
+
+    def config(name, **checkpoint):
+        return tiny_config(workspace, os.path.join(workspace["root"], name), train_iters=4,
+                           training={"packing": True, "seq_length": PACKED_SEQ, "eval_interval": 0},
+                           logging={"quiet": False}, checkpoint=checkpoint)
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        straight = run_training(config("packed_straight", save_interval=2)).train_losses
+    destroy_parallel()
+    assert "packing:" in printed.getvalue() and "% packed" in printed.getvalue()
+    assert len(straight) == 4 and all(math.isfinite(x) for x in straight)
+    load = os.path.join(workspace["root"], "packed_straight", "checkpoints", "iter_0000002")
+    resumed = run_training(config("packed_resumed", load=load)).train_losses
+    destroy_parallel()
+    assert resumed[-2:] == straight[-2:]
 
 
 def _parallel_body(rank, world_size, workspace):
