@@ -151,17 +151,3 @@ def test_packing_exact_per_sample_and_isolated_at_tp1(packing_workspace):
 @pytest.mark.slow
 def test_packing_exact_per_sample_at_tp2_sp_and_pp2(packing_workspace):
     run_distributed(_parallel_body, 2, packing_workspace)
-
-
-def test_packing_refused_on_the_transformer_engine_spec():
-    from megatron_csd.models.packed_attention import check_packing_supported
-
-    class TEAttention:  # stands in for TEDotProductAttention
-        pass
-
-    layer = type("Layer", (), {"self_attention": type("SA", (), {"core_attention": TEAttention()})()})()
-    model = type("Model", (), {"config": type("C", (), {"window_size": None})(),
-                               "position_embedding_type": "rope",
-                               "decoder": type("D", (), {"layers": [layer]})()})()
-    with pytest.raises(ValueError, match="transformer-engine spec.*PACKING=0"):
-        check_packing_supported(model)

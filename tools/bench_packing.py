@@ -63,21 +63,23 @@ class SyntheticInstructions:
 
 def _models(vocab: int, seq_length: int):
     from megatron_csd.models import build_gpt_model, freeze_teacher, get_preset
-    from megatron_csd.models.packed_attention import enable_packed_positions
+    from megatron_csd.models.packed_attention import enable_packing
     from megatron_csd.training.stage import DistillationStage
 
     base = get_preset("tiny-gemma").replace(vocab_size=vocab, max_position_embeddings=seq_length)
     teacher_cfg = base.replace(num_layers=4, hidden_size=256, ffn_hidden_size=1024, kv_channels=64)
     student_cfg = base.replace(num_layers=2, hidden_size=128, ffn_hidden_size=512, kv_channels=32)
-    teacher = freeze_teacher(enable_packed_positions(build_gpt_model(teacher_cfg)))
-    student = enable_packed_positions(build_gpt_model(student_cfg))
+    teacher, student = build_gpt_model(teacher_cfg), build_gpt_model(student_cfg)
+    for model in (teacher, student):
+        enable_packing(model, micro_batch_size=1)  # local spec: the mask path (any micro batch)
+    freeze_teacher(teacher)
     stage = DistillationStage(student, teacher, student_hidden=128, teacher_hidden=256, post_process=True)
     return stage, student_cfg
 
 
 def _step(stage, spec, batches) -> tuple[float, int]:
     """(wall seconds, response tokens) of forward + backward over the microbatches."""
-    from megatron_csd.models.packed_attention import packed_attention_mask
+    from megatron_csd.models.packed_attention import packed_forward_kwargs
     from megatron_csd.training.objective import loss_func
 
     stage.zero_grad(set_to_none=True)
@@ -85,7 +87,7 @@ def _step(stage, spec, batches) -> tuple[float, int]:
     tokens = 0
     for batch in batches:
         student_logits, teacher_logits = stage(batch["tokens"], batch["position_ids"],
-                                               packed_attention_mask(batch))
+                                               **packed_forward_kwargs(batch, stage))
         loss_sum, num_tokens, _ = loss_func(batch, teacher_logits, spec, False, student_logits)
         loss_sum.backward()
         tokens += int(num_tokens)

@@ -12,15 +12,19 @@ the padding tail). Exactness needs two things of every layer, student and teache
   on every pipeline stage from the stage's own copy of the batch (no extra communication).
 * **Positions restart at 0** -- learned absolute embeddings read ``position_ids`` directly.
   RoPE in Megatron's GPTModel ignores ``position_ids`` (it rotates by 0..s-1); for packed rows
-  :func:`enable_packed_positions` replaces the model's ``rotary_pos_emb`` by
+  :func:`enable_packing` replaces the model's ``rotary_pos_emb`` by
   :class:`PositionRotary`, which returns the angles gathered at the row's position ids,
   ``freqs[position_ids]`` -> [s, b, 1, d] (broadcast over heads by Megatron's unfused
   ``apply_rotary_pos_emb``). Where the positions are 0..s-1 (unpacked batches, generation
   without a cache) this equals Megatron's own [s, 1, 1, d] table exactly; a KV-cache decode
   step (positions not of the rotary length) falls back to Megatron's table.
 
-The transformer-engine spec is refused here (:func:`check_packing_supported`): its isolation
-would be THD + cu_seqlens (``PackedSeqParams``), which this package does not implement yet.
+On the transformer-engine spec the isolation is THD instead (written, **unverified on a GPU**):
+with micro batch size 1 the row's segments become ``PackedSeqParams(qkv_format="thd",
+cu_seqlens_q = cu_seqlens_kv = [0, end_0, end_1, ..., s])`` (:func:`thd_packed_seq_params`), passed
+as ``GPTModel.forward(packed_seq_params=...)`` to student and teacher; TE's attention then never
+crosses a boundary and Megatron's RoPE restarts at each ``cu_seqlens`` entry. Layer specs that can
+do neither are refused (:func:`packing_mode`), never silently cross-attended.
 """
 from __future__ import annotations
 
@@ -81,8 +85,11 @@ def _capture_positions(rotary: PositionRotary):
     return hook
 
 
-def check_packing_supported(model: torch.nn.Module) -> None:
-    """ValueError unless every attention of ``model`` can take the block-diagonal mask."""
+MODE_ATTR = "_csd_packing_mode"  # "mask" | "thd", set on a GPTModel by enable_packing
+
+
+def packing_mode(model: torch.nn.Module) -> str:
+    """``"mask"`` (local spec), ``"thd"`` (transformer-engine spec) or ValueError."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     config = model.config
@@ -93,24 +100,70 @@ def check_packing_supported(model: torch.nn.Module) -> None:
     if kind not in ("rope", "learned_absolute", "none"):
         raise ValueError(f"packing supports rope / learned_absolute positions, not {kind!r}; "
                          "run without --packing")
-    decoder = getattr(model, "decoder", None)
-    for layer in getattr(decoder, "layers", []):
+    modes = set()
+    for layer in getattr(getattr(model, "decoder", None), "layers", []):
         core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
-        if not isinstance(core, DotProductAttention):
-            raise ValueError(
-                f"packing needs the local layer spec's attention (a block-diagonal mask); this "
-                f"model uses {type(core).__name__} (transformer-engine spec), whose THD + "
-                "cu_seqlens path is not implemented yet: run without --packing (PACKING=0)")
+        if isinstance(core, DotProductAttention):
+            modes.add("mask")
+        elif type(core).__name__ == "TEDotProductAttention":
+            modes.add("thd")
+        else:
+            raise ValueError(f"packing cannot isolate samples in attention {type(core).__name__}: "
+                             "run without --packing (PACKING=0)")
+    if len(modes) > 1:
+        raise ValueError("packing needs one attention kind in all layers; run without --packing")
+    return modes.pop() if modes else "mask"
 
 
-def enable_packed_positions(model: torch.nn.Module) -> torch.nn.Module:
-    """Check ``model`` (a GPTModel stage) can isolate packed samples; make RoPE follow
-    ``position_ids``. Idempotent; returns the model."""
-    check_packing_supported(model)
+def enable_packing(model: torch.nn.Module, *, micro_batch_size: int) -> str:
+    """Check ``model`` (a GPTModel stage) can isolate packed samples and prepare it: the local
+    spec's RoPE follows ``position_ids``; the TE spec (THD) needs micro batch size 1. Returns
+    the mode; idempotent."""
+    mode = packing_mode(model)
+    if mode == "thd" and micro_batch_size != 1:
+        raise ValueError(f"packing on the transformer-engine layer spec uses THD rows and needs "
+                         f"--micro-batch-size 1 (got {micro_batch_size}); raise "
+                         "--global-batch-size instead, or run without --packing")
     rotary = getattr(model, "rotary_pos_emb", None)
-    if getattr(model, "position_embedding_type", None) == "rope" and rotary is not None \
-            and not isinstance(rotary, PositionRotary):
+    if mode == "mask" and getattr(model, "position_embedding_type", None) == "rope" \
+            and rotary is not None and not isinstance(rotary, PositionRotary):
         wrapper = PositionRotary(rotary)
         model.rotary_pos_emb = wrapper
         model.register_forward_pre_hook(_capture_positions(wrapper), with_kwargs=True)
-    return model
+    setattr(model, MODE_ATTR, mode)
+    return mode
+
+
+def thd_packed_seq_params(segment_ids: torch.Tensor):
+    """PackedSeqParams of one packed row ``[1, s]``: a sequence per run of equal segment ids
+    (the padding tail is one more sequence), ``cu_seqlens`` int32 on the row's device."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if segment_ids.dim() != 2 or segment_ids.shape[0] != 1:
+        raise ValueError(f"THD packing takes one row per microbatch, got segment_ids of shape "
+                         f"{tuple(segment_ids.shape)}")
+    row = segment_ids[0]
+    starts = torch.nonzero(row[1:] != row[:-1]).flatten() + 1
+    edges = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), row.numel())])
+    cu_seqlens = edges.to(torch.int32)
+    max_seqlen = int((edges[1:] - edges[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def _mode_of(model) -> str:
+    while not hasattr(model, MODE_ATTR) and hasattr(model, "module"):
+        model = model.module  # DDP -> DistillationStage -> student GPTModel
+    return getattr(model, MODE_ATTR, "mask")
+
+
+def packed_forward_kwargs(batch: dict, model) -> dict:
+    """Keyword arguments of the stage's forward for ``batch``: ``attention_mask`` (None for an
+    unpacked batch, the block-diagonal causal mask for a packed one on the local spec), or
+    ``packed_seq_params`` (THD) for a packed one on the TE spec."""
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is None:
+        return {"attention_mask": None}
+    if _mode_of(model) == "thd":
+        return {"attention_mask": None, "packed_seq_params": thd_packed_seq_params(segment_ids)}
+    return {"attention_mask": block_causal_mask(segment_ids)}

@@ -153,9 +153,9 @@ def build_models(config: TrainConfig, plan: ModelPlan, *, pre_process: bool, pos
                           "meaningless for distillation (give teacher.checkpoint)")
         freeze_teacher(teacher)
     if config.training.packing:
-        from megatron_csd.models.packed_attention import enable_packed_positions
+        from megatron_csd.models.packed_attention import enable_packing
 
         for model in (student, teacher):
-            if model is not None:
-                enable_packed_positions(model)  # refuses layer specs that cannot isolate samples
+            if model is not None:  # refuses layer specs that cannot isolate samples
+                enable_packing(model, micro_batch_size=config.training.micro_batch_size)
     return student, teacher

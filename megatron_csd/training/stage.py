@@ -101,22 +101,24 @@ class DistillationStage(torch.nn.Module):
         self.module.set_input_tensor(student_in)
         self.teacher.set_input_tensor(teacher_in.detach())
 
-    def forward(self, input_ids, position_ids, attention_mask=None):
+    def forward(self, input_ids, position_ids, attention_mask=None, packed_seq_params=None):
+        # packed rows: student and teacher get the same mask / THD params (packed_attention.py)
+        extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
         if self.teacher is None:
-            return self.module(input_ids, position_ids, attention_mask)
+            return self.module(input_ids, position_ids, attention_mask, **extra)
         on_cuda = self.timed and self._teacher_on_cuda()
         if on_cuda:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
         start = time.perf_counter()
         with torch.no_grad():
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask, **extra)
         if on_cuda:
             events[1].record()
             self._teacher_events.append(events)
         elif self.timed:
             self._teacher_wall_seconds += time.perf_counter() - start
-        student_out = self.module(input_ids, position_ids, attention_mask)
+        student_out = self.module(input_ids, position_ids, attention_mask, **extra)
         if self.post_process:
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
