@@ -80,8 +80,9 @@ class PositionRotary(torch.nn.Module):
 
 def _capture_positions(rotary: PositionRotary):
     def hook(module, args, kwargs):
+        inference = kwargs.get("inference_context") is not None or kwargs.get("inference_params") is not None
         positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
-        rotary.position_ids = positions
+        rotary.position_ids = None if inference else positions  # generation: Megatron's table
     return hook
 
 
