@@ -204,7 +204,9 @@ embedded_default() {
   pick="$(pick_stage_dir "${work}/distill" "" none)"
   student_dir="${pick#* }"
   announce_stage "student" new "${student_dir}" "${work}/distill"
-  launch 2 "${common[@]}" --mode distill --teacher-checkpoint "${teacher}" \
+  local packing=()
+  [[ "${PACKING}" == 1 ]] && packing=(--packing)
+  launch 2 "${common[@]}" ${packing[@]+"${packing[@]}"} --mode distill --teacher-checkpoint "${teacher}" \
     --student-preset tiny-gemma --tensor-model-parallel-size 2 \
     --objective csd --csd-weights TS --kd-ratio 1.0 \
     --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_STUDENT_ITERS}" \
