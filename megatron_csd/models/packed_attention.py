@@ -15,9 +15,11 @@ the padding tail). Exactness needs two things of every layer, student and teache
   :func:`enable_packing` replaces the model's ``rotary_pos_emb`` by
   :class:`PositionRotary`, which returns the angles gathered at the row's position ids,
   ``freqs[position_ids]`` -> [s, b, 1, d] (broadcast over heads by Megatron's unfused
-  ``apply_rotary_pos_emb``). Where the positions are 0..s-1 (unpacked batches, generation
-  without a cache) this equals Megatron's own [s, 1, 1, d] table exactly; a KV-cache decode
-  step (positions not of the rotary length) falls back to Megatron's table.
+  ``apply_rotary_pos_emb``). Where the positions are 0..s-1 (unpacked batches) this equals
+  Megatron's own [s, 1, 1, d] table exactly; under an inference context (generation) or for
+  positions not of the rotary length, Megatron's table is used. (RoPE scores depend on u - t
+  only, so with isolation the restart changes fp rounding, not the math; it keeps packed rows
+  bit-for-bit on the same angles as unpacked ones.)
 
 On the transformer-engine spec the isolation is THD instead (written, **unverified on a GPU**):
 with micro batch size 1 the row's segments become ``PackedSeqParams(qkv_format="thd",
