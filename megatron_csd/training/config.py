@@ -13,6 +13,7 @@
       data          : DataConfig      train / valid JSONL and tokenizer
       checkpoint    : CheckpointConfig save dir / interval, load dir
       logging       : LoggingConfig   output dir, log interval, TensorBoard
+      on_policy     : OnPolicyConfig  student/teacher-generated responses (on_policy_config.py)
 
 Every field is a plain JSON/YAML value, so ``asdict(config)`` is the resolved config that is
 written beside the run (``config.yaml``). Loading and command-line overrides live in
@@ -23,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from megatron_csd.training.on_policy_config import OnPolicyConfig
 
 MODES = ("distill", "sft")
 DEVICES = ("cpu", "cuda", "auto")
@@ -231,7 +234,7 @@ class LoggingConfig:
 SECTION_TYPES = {
     "student": ModelRef, "teacher": ModelRef, "loss": LossSection, "parallel": ParallelConfig,
     "optimizer": OptimizerConfig, "training": TrainingConfig, "data": DataConfig,
-    "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "on_policy": OnPolicyConfig,
 }
 
 
@@ -250,6 +253,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def __post_init__(self):
         for name, section_type in SECTION_TYPES.items():
@@ -275,6 +279,7 @@ class TrainConfig:
                                  f"{self.teacher.describe()}; remove it or use mode 'distill'")
             if self.fp8_teacher is not None:
                 raise ValueError("fp8_teacher is set but mode 'sft' has no teacher")
+        self.on_policy.check_mode(self.mode)
         if self.data.train_path is None:
             raise ValueError("data.train_path (--train-data) is required")
         if self.data.tokenizer is None:

@@ -1,0 +1,60 @@
+"""The ``on_policy`` section of the training config: where the training responses come from.
+
+    student_data_ratio          GKD's lambda: per sample, the probability that its response is
+                                replaced by one the current student samples from its prompt
+                                (None = the on-policy machinery is off; 0 = on, never replaces)
+    student_sample_temperature  sampling temperature of those student responses (top-k/top-p off)
+    teacher_generated           SeqKD: every response is replaced by one the teacher generated
+                                once, before training (``OUTPUT_DIR/teacher_generated.jsonl``)
+
+All of them keep the objective, the CSD weighting and the per-token normalisation unchanged;
+only the token sequences (and their loss masks) of the training batches change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _flag(name: str, help_text: str) -> dict:
+    return {"flag": name, "help": help_text}
+
+
+def _number(name: str, value, *, low: float, high: Optional[float], low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"on_policy.{name} must be a number, got {type(value).__name__} ({value!r})")
+    if value != value or (value <= low if low_open else value < low) or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"on_policy.{name} must be in {bounds}, got {value}")
+
+
+@dataclass
+class OnPolicyConfig:
+    student_data_ratio: Optional[float] = field(default=None, metadata=_flag(
+        "--student-data-ratio", "GKD lambda: probability that a sample's response is sampled by the "
+        "current student (unset = off)"))
+    student_sample_temperature: float = field(default=1.0, metadata=_flag(
+        "--student-sample-temperature", "temperature of the student's sampled responses"))
+    teacher_generated: bool = field(default=False, metadata=_flag(
+        "--teacher-generated", "SeqKD: train on responses the teacher generates once before training"))
+
+    def __post_init__(self):
+        if self.student_data_ratio is not None:
+            _number("student_data_ratio", self.student_data_ratio, low=0.0, high=1.0)
+        _number("student_sample_temperature", self.student_sample_temperature, low=0.0, high=None,
+                low_open=True)
+        if not isinstance(self.teacher_generated, bool):
+            raise TypeError(f"on_policy.teacher_generated must be true/false, got {self.teacher_generated!r}")
+        if self.teacher_generated and self.student_data_ratio is not None:
+            raise ValueError("choose one response source: --teacher-generated (SeqKD) or "
+                             "--student-data-ratio (GKD), not both")
+
+    @property
+    def enabled(self) -> bool:
+        return self.student_data_ratio is not None or self.teacher_generated
+
+    def check_mode(self, mode: str) -> None:
+        """On-policy regimes distil: they need the teacher (raises in SFT mode)."""
+        if self.enabled and mode != "distill":
+            raise ValueError("the on_policy options (--student-data-ratio, --teacher-generated) "
+                             "need mode 'distill' with a teacher; remove them for --mode sft")
