@@ -12,6 +12,16 @@ draws the off-policy iterator makes) and decides, per sample, where its response
   the generation seed ``s(seed, iteration, g)``, keyed the same way) does not depend on the TP,
   PP or DP layout, nor on how many steps ran in this process (resume needs nothing but the
   iteration and the sampler position, both in the checkpoint).
+* **ImitKD** (``replay_buffer_size`` > 0): a sample picked the same way is generated and
+  pushed into the replay buffer (replay_buffer.py, identical on every rank), and its slot is
+  filled by a draw from the buffer keyed by (seed, iteration, g).
+* **DistiLLM** (``adaptive_student_data``, with the buffer): the probability starts at
+  ``student_data_ratio`` (DistiLLM: 0) and grows by ``adaptive_ratio_step`` whenever a
+  validation CE is at least ``adaptive_loss_eps`` above the reference (the last value that
+  raised it, first the first validation); a picked sample is generated fresh (and pushed) with
+  probability ``ratio (1 - iteration / train_iters)`` or while the buffer is not full, else
+  drawn from the buffer (DistiLLM's ``adaptive`` branch). Ratio, reference loss and buffer
+  are checkpointed with the data sampler's position (``OnPolicyBatches.state_dict``).
 * **SeqKD** (``teacher_generated``): every response is the teacher's, generated once before
   training (teacher_generated.py); no generation happens during the steps.
 
@@ -36,7 +46,8 @@ import numpy as np
 import torch
 
 STATE_KEY = "on_policy"
-_TAG_REPLACE, _TAG_SEED = 0, 1
+_TAG_REPLACE, _TAG_SEED, _TAG_BUFFER = 0, 1, 2
+DATA, FRESH, BUFFER = "data", "fresh", "buffer"  # where a sample's response comes from
 
 
 def keyed_uniform(seed: int, iteration: int, index: int, tag: int = _TAG_REPLACE) -> float:
@@ -78,16 +89,22 @@ def megatron_sampler(*, vocab_size: int) -> Sampler:
     return sample
 
 
-def generated_sample(prompt_ids: Sequence[int], completion: Completion, *, budget: int,
-                     eos_id: Optional[int], seq_length: int, pad_id: int) -> dict:
-    """Training sample ``prompt + completion[:budget] (+ eos if it stopped within the budget)``."""
-    from megatron_csd.data import build_training_sample
-
+def generated_ids(prompt_ids: Sequence[int], completion: Completion, *, budget: int,
+                  eos_id: Optional[int]) -> list:
+    """``prompt + completion[:budget] (+ eos if it stopped within the budget)``."""
     ids = [int(t) for t in completion.ids[:budget]]
     if completion.stopped_on_eos and eos_id is not None and len(completion.ids) < budget:
         ids.append(int(eos_id))
-    prompt = [int(t) for t in prompt_ids]
-    return build_training_sample(prompt + ids, len(prompt), seq_length, pad_id)
+    return [int(t) for t in prompt_ids] + ids
+
+
+def generated_sample(prompt_ids: Sequence[int], completion: Completion, *, budget: int,
+                     eos_id: Optional[int], seq_length: int, pad_id: int) -> dict:
+    """Training sample of :func:`generated_ids`; loss mask = exactly the generated targets."""
+    from megatron_csd.data import build_training_sample
+
+    ids = generated_ids(prompt_ids, completion, budget=budget, eos_id=eos_id)
+    return build_training_sample(ids, len(prompt_ids), seq_length, pad_id)
 
 
 def sample_with(sampler: Sampler, model, prompts: list, seeds: list, *, temperature: float,
@@ -119,7 +136,7 @@ class OnPolicyBatches:
     def __init__(self, *, config, seed: int, dataset, sampler, micro_batch_size: int,
                  num_microbatches: int, dp_rank: int, dp_size: int, seq_length: int, student,
                  eos_id: Optional[int], sample_fn: Sampler, device: torch.device,
-                 teacher_responses: Optional[dict] = None):
+                 teacher_responses: Optional[dict] = None, dp_group=None, train_iters: int = 1):
         self.config = config
         self.seed = int(seed)
         self.dataset = dataset
@@ -134,24 +151,71 @@ class OnPolicyBatches:
         self.sample_fn = sample_fn
         self.device = device
         self.teacher_responses = teacher_responses
+        self.dp_group, self.train_iters = dp_group, max(int(train_iters), 1)
+        self.buffer = None
+        if config.replay_buffer_size:
+            from megatron_csd.training.replay_buffer import ReplayBuffer
+
+            self.buffer = ReplayBuffer(config.replay_buffer_size)
+        self.ratio = float(config.student_data_ratio or 0.0)  # grows under the adaptive schedule
+        self.reference_loss: Optional[float] = None          # DistiLLM's prev_avg_loss
         self.stats: dict = {}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {**self.sampler.state_dict(), STATE_KEY: {"version": 1}}
+        state = {"version": 1, "ratio": self.ratio, "reference_loss": self.reference_loss}
+        if self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return {**self.sampler.state_dict(), STATE_KEY: state}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict({k: v for k, v in state.items() if k != STATE_KEY})
+        mine = state.get(STATE_KEY)
+        if mine is None:  # an off-policy checkpoint: start the on-policy state fresh
+            return
+        self.ratio, self.reference_loss = float(mine["ratio"]), mine["reference_loss"]
+        if self.buffer is not None and "buffer" in mine:
+            self.buffer.load_state_dict(mine["buffer"])
+
+    def observe_validation(self, record: dict) -> None:
+        """DistiLLM: raise the student-sample probability when the validation CE rose by eps."""
+        if not self.config.adaptive_student_data or "ce" not in record:
+            return
+        loss = float(record["ce"])
+        if self.reference_loss is None:
+            self.reference_loss = loss
+        elif loss >= self.reference_loss + self.config.adaptive_loss_eps:
+            self.ratio = min(self.ratio + self.config.adaptive_ratio_step, 1.0)
+            self.reference_loss = loss
 
     # -------------------------------------------------------------- decisions
-    def student_ratio(self) -> float:
-        ratio = self.config.student_data_ratio
-        return 0.0 if ratio is None else float(ratio)
+    def source(self, iteration: int, global_index: int, buffer_length: int) -> str:
+        """DATA, FRESH (a new student sample) or BUFFER (a replay-buffer draw) for one sample.
+
+        GKD: FRESH with probability ratio. ImitKD (buffer): BUFFER with probability ratio
+        (the sample is generated and pushed first). DistiLLM (adaptive, buffer): with u < ratio
+        the sample is FRESH if u < ratio (1 - iteration / train_iters) or the buffer is not
+        full yet, else BUFFER.
+        """
+        if self.ratio <= 0.0:
+            return DATA
+        u = keyed_uniform(self.seed, iteration, global_index)
+        if u >= self.ratio:
+            return DATA
+        if self.buffer is None:
+            return FRESH
+        if not self.config.adaptive_student_data:
+            return BUFFER
+        fresh = self.ratio * (1.0 - iteration / self.train_iters)
+        return FRESH if u < fresh or buffer_length < self.buffer.capacity else BUFFER
 
     def replaced(self, iteration: int, global_index: int) -> bool:
-        """Whether sample ``global_index`` of step ``iteration`` gets a student response (GKD)."""
-        ratio = self.student_ratio()
-        return ratio > 0.0 and keyed_uniform(self.seed, iteration, global_index) < ratio
+        """Whether sample ``global_index`` of step ``iteration`` gets a student response."""
+        buffer_length = len(self.buffer) if self.buffer is not None else 0
+        return self.source(iteration, global_index, buffer_length) != DATA
+
+    def _generates(self, source: str) -> bool:
+        return source == FRESH or (source == BUFFER and not self.config.adaptive_student_data)
 
     def _draw(self) -> list:
         """This rank's (dataset index, global index in the step) per microbatch slot."""
@@ -173,22 +237,48 @@ class OnPolicyBatches:
         flat = [slot for micro in slots for slot in micro]
         samples = {}
         start = time.perf_counter()
+        stats = {}
         if self.teacher_responses is not None:
             for index, g in flat:
                 samples[(index, g)] = self._sample_from(index, self.teacher_responses[index])
+            stats["teacher_samples"] = self.global_batch_size
         else:
-            wanted = [(index, g) for index, g in flat if self.replaced(iteration, g)]
-            samples.update(self._student_samples(iteration, wanted))
+            samples, stats = self._student_step(iteration, flat)
         generate_s = time.perf_counter() - start
         batches = []
         for micro in slots:
             items = [samples[(index, g)] if (index, g) in samples else self.dataset[index]
                      for index, g in micro]
             batches.append({k: v.to(self.device) for k, v in collate(items).items()})
-        replaced = (self.global_batch_size if self.teacher_responses is not None else
-                    sum(self.replaced(iteration, g) for g in range(self.global_batch_size)))
-        self.stats = {"generated_samples": replaced, "generate_s": generate_s}
+        self.stats = {**stats, "generate_s": generate_s}
         return iter(batches)
+
+    def _student_step(self, iteration: int, flat: list) -> tuple:
+        """({(index, g): sample} for this rank's student-data slots, global counts)."""
+        from megatron_csd.data import build_training_sample
+
+        buffer_length = len(self.buffer) if self.buffer is not None else 0
+        sources = [self.source(iteration, g, buffer_length) for g in range(self.global_batch_size)]
+        wanted = [(index, g) for index, g in flat if self._generates(sources[g])]
+        generated = self._student_ids(iteration, wanted)
+        if self.buffer is not None:
+            self.buffer.push_gathered([(g, ids, p) for (_, g), (ids, p) in generated.items()],
+                                      self.dp_group, self.dp_size)
+        samples = {}
+        for index, g in flat:
+            if sources[g] == DATA:
+                continue
+            if sources[g] == BUFFER:
+                ids, prompt_length = self.buffer.draw(keyed_uniform(self.seed, iteration, g, _TAG_BUFFER))
+            else:
+                ids, prompt_length = generated[(index, g)]
+            samples[(index, g)] = build_training_sample(ids, prompt_length, self.seq_length,
+                                                        self.dataset.pad_id)
+        stats = {"generated_samples": sum(self._generates(s) for s in sources),
+                 "student_data_ratio": self.ratio}
+        if self.buffer is not None:
+            stats.update(replayed_samples=sources.count(BUFFER), replay_buffer=len(self.buffer))
+        return samples, stats
 
     def _sample_from(self, index: int, completion: Completion) -> dict:
         prompt, _ = self.dataset.prompt_and_response(index)
@@ -196,7 +286,8 @@ class OnPolicyBatches:
                                 eos_id=self.eos_id, seq_length=self.seq_length,
                                 pad_id=self.dataset.pad_id)
 
-    def _student_samples(self, iteration: int, wanted: list) -> dict:
+    def _student_ids(self, iteration: int, wanted: list) -> dict:
+        """{(index, g): (ids, prompt_length)} sampled by the student for ``wanted``."""
         if not wanted:
             return {}
         prompts = [self.dataset.prompt_and_response(index)[0] for index, _ in wanted]
@@ -205,8 +296,7 @@ class OnPolicyBatches:
         completions = sample_with(self.sample_fn, self.student, prompts, seeds,
                                   temperature=self.config.student_sample_temperature,
                                   budgets=budgets, eos_id=self.eos_id)
-        return {key: generated_sample(prompt, completion, budget=budget, eos_id=self.eos_id,
-                                      seq_length=self.seq_length, pad_id=self.dataset.pad_id)
+        return {key: (generated_ids(prompt, completion, budget=budget, eos_id=self.eos_id), len(prompt))
                 for key, prompt, completion, budget in zip(wanted, prompts, completions, budgets)}
 
 
@@ -215,6 +305,10 @@ def build_on_policy(trainer, sample_fn: Optional[Sampler] = None) -> Optional[On
     config = trainer.config
     if not config.on_policy.enabled:
         return None
+    if config.on_policy.adaptive_student_data and (not config.training.eval_interval
+                                                   or trainer.data.valid is None):
+        raise ValueError("--adaptive-student-data follows the validation loss: give --valid-data "
+                         "and an --eval-interval > 0")
     tokenizer = trainer.data.tokenizer
     if sample_fn is None:
         sample_fn = megatron_sampler(vocab_size=trainer.plan.vocab_size)
@@ -229,4 +323,5 @@ def build_on_policy(trainer, sample_fn: Optional[Sampler] = None) -> Optional[On
         num_microbatches=trainer.num_microbatches, dp_rank=trainer.ctx.dp_rank,
         dp_size=trainer.dp_size, seq_length=config.training.seq_length, student=trainer.student,
         eos_id=tokenizer.eos_id, sample_fn=sample_fn, device=trainer.ctx.device,
-        teacher_responses=teacher_responses)
+        teacher_responses=teacher_responses, dp_group=trainer.ctx.dp_group,
+        train_iters=config.training.train_iters)

@@ -6,6 +6,14 @@
     student_sample_temperature  sampling temperature of those student responses (top-k/top-p off)
     teacher_generated           SeqKD: every response is replaced by one the teacher generated
                                 once, before training (``OUTPUT_DIR/teacher_generated.jsonl``)
+    replay_buffer_size          > 0: student samples go through a replay buffer of this many
+                                samples. Alone (ImitKD): a sample picked with probability
+                                student_data_ratio is generated, pushed, and its slot is filled
+                                by a uniform draw from the buffer
+    adaptive_student_data       DistiLLM's adaptive off-policy schedule (needs the buffer):
+                                student_data_ratio is the initial probability (default 0); it
+                                grows by adaptive_ratio_step whenever the validation CE rises
+                                by adaptive_loss_eps or more over the last reference value
 
 All of them keep the objective, the CSD weighting and the per-token normalisation unchanged;
 only the token sequences (and their loss masks) of the training batches change.
@@ -38,23 +46,46 @@ class OnPolicyConfig:
     teacher_generated: bool = field(default=False, metadata=_flag(
         "--teacher-generated", "SeqKD: train on responses the teacher generates once before training"))
 
+    replay_buffer_size: int = field(default=0, metadata=_flag(
+        "--replay-buffer-size", "replay buffer capacity in samples (ImitKD / DistiLLM; 0 = none)"))
+    adaptive_student_data: bool = field(default=False, metadata=_flag(
+        "--adaptive-student-data", "DistiLLM adaptive schedule of the student-sample probability"))
+    adaptive_loss_eps: float = field(default=0.1, metadata=_flag(
+        "--adaptive-loss-eps", "validation CE rise that raises the student-sample probability"))
+    adaptive_ratio_step: float = field(default=0.1, metadata=_flag(
+        "--adaptive-ratio-step", "how much the student-sample probability grows each time"))
+
     def __post_init__(self):
+        if isinstance(self.replay_buffer_size, bool) or not isinstance(self.replay_buffer_size, int) \
+                or self.replay_buffer_size < 0:
+            raise ValueError(f"on_policy.replay_buffer_size must be an int >= 0, got {self.replay_buffer_size!r}")
+        if not isinstance(self.adaptive_student_data, bool):
+            raise TypeError(f"on_policy.adaptive_student_data must be true/false, got {self.adaptive_student_data!r}")
+        _number("adaptive_loss_eps", self.adaptive_loss_eps, low=0.0, high=None)
+        _number("adaptive_ratio_step", self.adaptive_ratio_step, low=0.0, high=1.0, low_open=True)
+        if self.adaptive_student_data and self.replay_buffer_size == 0:
+            raise ValueError("--adaptive-student-data (DistiLLM) reuses samples through a replay "
+                             "buffer: set --replay-buffer-size (DistiLLM uses 1000)")
+        if self.replay_buffer_size and self.student_data_ratio is None and not self.adaptive_student_data:
+            raise ValueError("--replay-buffer-size needs --student-data-ratio (ImitKD: the "
+                             "probability that a sample is drawn from the buffer; 1.0 in ImitKD)")
         if self.student_data_ratio is not None:
             _number("student_data_ratio", self.student_data_ratio, low=0.0, high=1.0)
         _number("student_sample_temperature", self.student_sample_temperature, low=0.0, high=None,
                 low_open=True)
         if not isinstance(self.teacher_generated, bool):
             raise TypeError(f"on_policy.teacher_generated must be true/false, got {self.teacher_generated!r}")
-        if self.teacher_generated and self.student_data_ratio is not None:
+        if self.teacher_generated and (self.student_data_ratio is not None or self.replay_buffer_size):
             raise ValueError("choose one response source: --teacher-generated (SeqKD) or "
                              "--student-data-ratio (GKD), not both")
 
     @property
     def enabled(self) -> bool:
-        return self.student_data_ratio is not None or self.teacher_generated
+        return self.student_data_ratio is not None or self.teacher_generated or self.adaptive_student_data
 
     def check_mode(self, mode: str) -> None:
         """On-policy regimes distil: they need the teacher (raises in SFT mode)."""
         if self.enabled and mode != "distill":
-            raise ValueError("the on_policy options (--student-data-ratio, --teacher-generated) "
-                             "need mode 'distill' with a teacher; remove them for --mode sft")
+            raise ValueError("the on_policy options (--student-data-ratio, --teacher-generated, "
+                             "--adaptive-student-data) need mode 'distill' with a teacher; remove "
+                             "them for --mode sft")

@@ -295,6 +295,8 @@ class Trainer:
         if record:
             result.validation.append(record)
             self.writer.log(record, console=self._console_valid(record))
+            if self.on_policy is not None:  # DistiLLM's adaptive schedule watches validation
+                self.on_policy.observe_validation(record)
 
     def run(self) -> TrainResult:
         config = self.config
