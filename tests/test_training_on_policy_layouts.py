@@ -9,8 +9,13 @@ micro batch 1, 3 iterations of CSD SS):
   same losses at TP1, TP2 and PP2 to rtol 1e-5 -- the replaced samples are keyed by (seed,
   iteration, global sample index) and sampling is layout-independent -- and different losses
   from the off-policy run;
-* an on-policy run (ratio 1) saved at iteration 2 and resumed from there reproduces the
-  straight run's iterations 3-4 and its final validation bitwise.
+* ImitKD (ratio 1 through a replay buffer of 3 samples) agrees at TP1 and DP2 (the buffer is
+  all-gathered over DP, identical everywhere);
+* SeqKD (``--teacher-generated``) writes the same teacher responses at TP1 and TP2 and trains
+  to the same losses;
+* a DistiLLM run (adaptive schedule, buffer of 3, validation every step) saved at iteration 2
+  and resumed from there reproduces the straight run's iterations 3-4 (loss, grad norm,
+  student-sample statistics) and its final validation bitwise.
 """
 from __future__ import annotations
 
@@ -25,8 +30,14 @@ from tests.test_training_common import build_workspace, save_initial_models, tin
 RTOL = 1e-5
 
 
-def _config(workspace, name, *, ratio=None, **sections):
-    on_policy = {} if ratio is None else {"student_data_ratio": ratio}
+IMITKD = {"student_data_ratio": 1.0, "replay_buffer_size": 3}
+SEQKD = {"teacher_generated": True}
+DISTILLM = {"student_data_ratio": 0.5, "replay_buffer_size": 3, "adaptive_student_data": True,
+            "adaptive_loss_eps": 0.0}
+
+
+def _config(workspace, name, *, ratio=None, on_policy=None, **sections):
+    on_policy = dict(on_policy or ({} if ratio is None else {"student_data_ratio": ratio}))
     sections.setdefault("checkpoint", {}).setdefault("save_final", False)
     return tiny_config(workspace, os.path.join(workspace["root"], name), on_policy=on_policy, **sections)
 
@@ -36,44 +47,45 @@ def _metrics(workspace, name) -> list:
         return [json.loads(line) for line in handle]
 
 
-def _world_of_one(rank, world_size, workspace, out_file):
+def _runs(workspace, runs) -> dict:
     from megatron_csd.parallel.initialize import destroy_parallel
     from megatron_csd.training.trainer import run_training
 
-    save_initial_models(workspace)
     record = {}
-    for name, ratio in (("off", None), ("zero", 0.0), ("half_tp1", 0.5)):
-        result = run_training(_config(workspace, name, ratio=ratio))
+    for name, kwargs in runs:
+        result = run_training(_config(workspace, name, **kwargs))
         destroy_parallel()
         record[name] = {"train": result.train_losses,
                         "valid": [[v["ce"], v["kd"]] for v in result.validation]}
-    record["generated"] = [r.get("generated_samples") for r in _metrics(workspace, "half_tp1")
-                           if r["split"] == "train"]
-    straight = run_training(_config(workspace, "straight", ratio=1.0, train_iters=4,
-                                    checkpoint={"save_interval": 2}))
-    destroy_parallel()
-    load = os.path.join(workspace["root"], "straight", "checkpoints", "iter_0000002")
-    resumed = run_training(_config(workspace, "resumed", ratio=1.0, train_iters=4,
-                                   checkpoint={"load": load}))
-    destroy_parallel()
-    record["straight"] = [straight.train_losses, straight.validation[-1]]
-    record["resumed"] = [resumed.train_losses, resumed.validation[-1]]
-    record["resumed_grad_norms"] = [[r["grad_norm"] for r in _metrics(workspace, name)
-                                     if r["split"] == "train"][-2:] for name in ("straight", "resumed")]
+    return record
+
+
+def _train_records(workspace, name, keys) -> list:
+    return [[r.get(k) for k in keys] for r in _metrics(workspace, name) if r["split"] == "train"]
+
+
+def _world_of_one(rank, world_size, workspace, out_file):
+    save_initial_models(workspace)
+    record = _runs(workspace, [("off", {}), ("zero", {"ratio": 0.0}), ("half_tp1", {"ratio": 0.5}),
+                               ("imitkd_tp1", {"on_policy": IMITKD}), ("seqkd_tp1", {"on_policy": SEQKD})])
+    record["generated"] = _train_records(workspace, "half_tp1", ["generated_samples"])
+    record["imitkd_stats"] = _train_records(workspace, "imitkd_tp1", ["generated_samples", "replayed_samples"])
+    record["seqkd_stats"] = _train_records(workspace, "seqkd_tp1", ["teacher_samples"])
+    distillm = {"on_policy": DISTILLM, "train_iters": 4, "training": {"eval_interval": 1}}
+    record.update(_runs(workspace, [
+        ("straight", {**distillm, "checkpoint": {"save_interval": 2}}),
+        ("resumed", {**distillm, "checkpoint": {"load": os.path.join(
+            workspace["root"], "straight", "checkpoints", "iter_0000002")}})]))
+    keys = ["loss", "grad_norm", "generated_samples", "replayed_samples", "student_data_ratio"]
+    record["resume_stats"] = [_train_records(workspace, name, keys) for name in ("straight", "resumed")]
     with open(out_file, "w") as handle:
         json.dump(record, handle)
 
 
 def _world_of_two(rank, world_size, workspace, out_file):
-    from megatron_csd.parallel.initialize import destroy_parallel
-    from megatron_csd.training.trainer import run_training
-
-    record = {}
-    for name, tp, pp in (("half_tp2", 2, 1), ("half_pp2", 1, 2)):
-        result = run_training(_config(workspace, name, ratio=0.5, tp=tp, pp=pp))
-        destroy_parallel()
-        record[name] = {"train": result.train_losses,
-                        "valid": [[v["ce"], v["kd"]] for v in result.validation]}
+    record = _runs(workspace, [("half_tp2", {"ratio": 0.5, "tp": 2}), ("half_pp2", {"ratio": 0.5, "pp": 2}),
+                               ("imitkd_dp2", {"on_policy": IMITKD}),
+                               ("seqkd_tp2", {"on_policy": SEQKD, "tp": 2})])
     if rank == 0:
         with open(out_file, "w") as handle:
             json.dump(record, handle)
@@ -91,16 +103,23 @@ def test_on_policy_losses_zero_ratio_bitwise_layouts_agree_and_resume_is_bitwise
         record.update(json.load(handle))
 
     assert record["zero"] == record["off"]                       # bitwise, validation included
-    assert sum(record["generated"]) > 0
-    assert record["half_tp1"]["train"] != record["off"]["train"]  # student samples were trained on
-    reference = record["half_tp1"]
-    for name in ("half_tp2", "half_pp2"):
-        assert record[name]["train"] == pytest.approx(reference["train"], rel=RTOL), name
-        for got, want in zip(record[name]["valid"], reference["valid"]):
+    assert sum(n for n, in record["generated"]) > 0
+    assert record["imitkd_stats"] == [[4, 4]] * 3 and record["seqkd_stats"] == [[4]] * 3
+    for name in ("half_tp1", "imitkd_tp1", "seqkd_tp1"):           # other data was trained on
+        assert record[name]["train"] != record["off"]["train"], name
+    for name, reference in (("half_tp2", "half_tp1"), ("half_pp2", "half_tp1"),
+                            ("imitkd_dp2", "imitkd_tp1"), ("seqkd_tp2", "seqkd_tp1")):
+        assert record[name]["train"] == pytest.approx(record[reference]["train"], rel=RTOL), name
+        for got, want in zip(record[name]["valid"], record[reference]["valid"]):
             assert got == pytest.approx(want, rel=RTOL), name
+    with open(os.path.join(workspace["root"], "seqkd_tp1", "teacher_generated.jsonl")) as one_file, \
+            open(os.path.join(workspace["root"], "seqkd_tp2", "teacher_generated.jsonl")) as two_file:
+        assert one_file.read() == two_file.read()
 
     straight, resumed = record["straight"], record["resumed"]
-    assert len(straight[0]) == 4 and len(resumed[0]) == 2
-    assert resumed[0] == straight[0][2:]
-    assert resumed[1] == straight[1]
-    assert record["resumed_grad_norms"][0] == record["resumed_grad_norms"][1]
+    assert len(straight["train"]) == 4 and len(resumed["train"]) == 2
+    assert resumed["train"] == straight["train"][2:]
+    assert resumed["valid"][-1] == straight["valid"][-1]
+    straight_stats, resumed_stats = record["resume_stats"]
+    assert resumed_stats == straight_stats[2:]
+    assert any(stats[3] for stats in straight_stats[2:])          # the buffer was drawn from
