@@ -98,7 +98,7 @@ def test_zero_ratio_gives_the_off_policy_batches_and_sampler_state():
     on_policy = _batches(0.0, dataset=dataset, calls=calls)
     plain = BatchIterator(dataset, ResumableSampler(len(dataset), seed=5), 2)
     for iteration in range(1, 8):  # 8 x 8 samples: crosses an epoch boundary
-        for got in on_policy.step_iterator(iteration):
+        for got in on_policy.step_iterator(iteration)[0]:
             want = next(plain)
             assert all(torch.equal(got[k], want[k]) for k in want)
         assert on_policy.stats["generated_samples"] == 0
@@ -111,7 +111,7 @@ def _replaced_by_sample(batches: OnPolicyBatches, iteration: int, calls: list) -
     """{prompt: generated (tokens, mask)} for this rank's step, via the batches it yields."""
     calls.clear()
     out = {}
-    for batch in batches.step_iterator(iteration):
+    for batch in batches.step_iterator(iteration)[0]:
         for row in range(batch["tokens"].shape[0]):
             out.setdefault("all", []).append((batch["tokens"][row].tolist(), batch["loss_mask"][row].tolist()))
     out["calls"] = sorted(calls)
@@ -143,7 +143,7 @@ def test_student_samples_replace_responses_with_masks_on_generated_tokens_only()
     dataset = _Dataset()
     calls = []
     batches = _batches(1.0, dataset=dataset, calls=calls)
-    rows = [(b["tokens"][r], b["labels"][r], b["loss_mask"][r]) for b in batches.step_iterator(1)
+    rows = [(b["tokens"][r], b["labels"][r], b["loss_mask"][r]) for b in batches.step_iterator(1)[0]
             for r in range(b["tokens"].shape[0])]
     assert len(calls) == len(rows) == 8
     for (tokens, labels, mask), (prompt, seed) in zip(rows, calls):

@@ -13,6 +13,9 @@ micro batch 1, 3 iterations of CSD SS):
   all-gathered over DP, identical everywhere);
 * SeqKD (``--teacher-generated``) writes the same teacher responses at TP1 and TP2 and trains
   to the same losses;
+* the LM term (``--lm-data``, ``--lm-coef 0.5``): the logged loss minus the distillation term
+  is 0.5 x the student's CE on the drawn text windows, recomputed here in fp64 from the initial
+  student (first step); TP1 and DP2 agree; ``--lm-coef 0`` leaves the off-policy losses bitwise;
 * a DistiLLM run (adaptive schedule, buffer of 3, validation every step) saved at iteration 2
   and resumed from there reproduces the straight run's iterations 3-4 (loss, grad norm,
   student-sample statistics) and its final validation bitwise.
@@ -60,6 +63,44 @@ def _runs(workspace, runs) -> dict:
     return record
 
 
+def _write_lm_text(workspace) -> str:
+    path = os.path.join(workspace["root"], "lm.txt")
+    with open(workspace["train_jsonl"]) as source, open(path, "w") as out:
+        for line in source:
+            entry = json.loads(line)
+            out.write(f"{entry['instruction']} {entry['response']}\n\n")
+    return path
+
+
+def _reference_lm_ce(workspace, lm_path, seed, num_windows) -> float:
+    """fp64 CE of the initial student on the first step's LM windows (world of 1, TP1)."""
+    import torch
+
+    from megatron_csd.data import ResumableSampler, load_tokenizer
+    from megatron_csd.models import build_gpt_model
+    from megatron_csd.models.checkpoint import load_model, load_model_config
+    from megatron_csd.parallel.initialize import destroy_parallel, initialize_parallel
+    from megatron_csd.training.lm_term import LMWindows
+
+    tokenizer = load_tokenizer(workspace["tokenizer"])
+    windows = LMWindows(lm_path, tokenizer, 32)
+    indices = ResumableSampler(len(windows), seed=seed + 1).next_indices(num_windows)
+    initialize_parallel(device="cpu", tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=3)
+    model = build_gpt_model(load_model_config(workspace["student"]))
+    load_model(model, workspace["student"])
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index in indices:
+            sample = windows[index]
+            logits = model(sample["tokens"][None], sample["position_ids"][None], None)[0]
+            logp = torch.log_softmax(logits[:, :tokenizer.vocab_size].double(), dim=-1)
+            total += -logp.gather(1, sample["labels"][:, None]).sum().item()
+            count += sample["labels"].numel()
+    destroy_parallel()
+    return total / count
+
+
 def _train_records(workspace, name, keys) -> list:
     return [[r.get(k) for k in keys] for r in _metrics(workspace, name) if r["split"] == "train"]
 
@@ -71,6 +112,11 @@ def _world_of_one(rank, world_size, workspace, out_file):
     record["generated"] = _train_records(workspace, "half_tp1", ["generated_samples"])
     record["imitkd_stats"] = _train_records(workspace, "imitkd_tp1", ["generated_samples", "replayed_samples"])
     record["seqkd_stats"] = _train_records(workspace, "seqkd_tp1", ["teacher_samples"])
+    lm = {"lm_data": _write_lm_text(workspace), "lm_coef": 0.5}
+    record.update(_runs(workspace, [("lm_zero", {"on_policy": {**lm, "lm_coef": 0.0}}),
+                                    ("lm_tp1", {"on_policy": lm})]))
+    record["lm_first"] = _train_records(workspace, "lm_tp1", ["loss", "kd"])[0]
+    record["lm_reference_ce"] = _reference_lm_ce(workspace, lm["lm_data"], 11, 4)
     distillm = {"on_policy": DISTILLM, "train_iters": 4, "training": {"eval_interval": 1}}
     record.update(_runs(workspace, [
         ("straight", {**distillm, "checkpoint": {"save_interval": 2}}),
@@ -85,7 +131,9 @@ def _world_of_one(rank, world_size, workspace, out_file):
 def _world_of_two(rank, world_size, workspace, out_file):
     record = _runs(workspace, [("half_tp2", {"ratio": 0.5, "tp": 2}), ("half_pp2", {"ratio": 0.5, "pp": 2}),
                                ("imitkd_dp2", {"on_policy": IMITKD}),
-                               ("seqkd_tp2", {"on_policy": SEQKD, "tp": 2})])
+                               ("seqkd_tp2", {"on_policy": SEQKD, "tp": 2}),
+                               ("lm_dp2", {"on_policy": {"lm_data": os.path.join(workspace["root"], "lm.txt"),
+                                                         "lm_coef": 0.5}})])
     if rank == 0:
         with open(out_file, "w") as handle:
             json.dump(record, handle)
@@ -103,12 +151,16 @@ def test_on_policy_losses_zero_ratio_bitwise_layouts_agree_and_resume_is_bitwise
         record.update(json.load(handle))
 
     assert record["zero"] == record["off"]                       # bitwise, validation included
+    assert record["lm_zero"] == record["off"]
+    loss, kd = record["lm_first"]
+    assert loss - kd == pytest.approx(0.5 * record["lm_reference_ce"], rel=RTOL)
     assert sum(n for n, in record["generated"]) > 0
     assert record["imitkd_stats"] == [[4, 4]] * 3 and record["seqkd_stats"] == [[4]] * 3
-    for name in ("half_tp1", "imitkd_tp1", "seqkd_tp1"):           # other data was trained on
+    for name in ("half_tp1", "imitkd_tp1", "seqkd_tp1", "lm_tp1"):  # other data was trained on
         assert record[name]["train"] != record["off"]["train"], name
     for name, reference in (("half_tp2", "half_tp1"), ("half_pp2", "half_tp1"),
-                            ("imitkd_dp2", "imitkd_tp1"), ("seqkd_tp2", "seqkd_tp1")):
+                            ("imitkd_dp2", "imitkd_tp1"), ("seqkd_tp2", "seqkd_tp1"),
+                            ("lm_dp2", "lm_tp1")):
         assert record[name]["train"] == pytest.approx(record[reference]["train"], rel=RTOL), name
         for got, want in zip(record[name]["valid"], record[reference]["valid"]):
             assert got == pytest.approx(want, rel=RTOL), name

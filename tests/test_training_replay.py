@@ -24,7 +24,7 @@ def _batches(config: OnPolicyConfig, calls: list, *, train_iters: int = 10) -> O
 
 def _rows(batches: OnPolicyBatches, iteration: int) -> list:
     return [(b["tokens"][r].tolist(), b["loss_mask"][r].tolist())
-            for b in batches.step_iterator(iteration) for r in range(b["tokens"].shape[0])]
+            for b in batches.step_iterator(iteration)[0] for r in range(b["tokens"].shape[0])]
 
 
 def test_replay_buffer_is_fifo_and_its_state_round_trips_through_json():
@@ -46,7 +46,7 @@ def test_imitkd_pushes_every_student_sample_and_trains_on_buffer_draws():
     for iteration in (1, 2):
         calls.clear()
         rows = [(b["tokens"][r].tolist(), b["labels"][r].tolist(), b["loss_mask"][r].tolist())
-                for b in batches.step_iterator(iteration) for r in range(b["tokens"].shape[0])]
+                for b in batches.step_iterator(iteration)[0] for r in range(b["tokens"].shape[0])]
         assert len(calls) == 8                                    # the whole batch was generated
         assert len(batches.buffer) == 5                           # the newest 5 of them are kept
         in_buffer = {tuple(ids) for ids, _ in batches.buffer.entries}

@@ -136,7 +136,8 @@ class OnPolicyBatches:
     def __init__(self, *, config, seed: int, dataset, sampler, micro_batch_size: int,
                  num_microbatches: int, dp_rank: int, dp_size: int, seq_length: int, student,
                  eos_id: Optional[int], sample_fn: Sampler, device: torch.device,
-                 teacher_responses: Optional[dict] = None, dp_group=None, train_iters: int = 1):
+                 teacher_responses: Optional[dict] = None, dp_group=None, train_iters: int = 1,
+                 lm_term=None):
         self.config = config
         self.seed = int(seed)
         self.dataset = dataset
@@ -152,6 +153,7 @@ class OnPolicyBatches:
         self.device = device
         self.teacher_responses = teacher_responses
         self.dp_group, self.train_iters = dp_group, max(int(train_iters), 1)
+        self.lm_term = lm_term  # lm_term.LMTerm or None
         self.buffer = None
         if config.replay_buffer_size:
             from megatron_csd.training.replay_buffer import ReplayBuffer
@@ -166,6 +168,8 @@ class OnPolicyBatches:
         state = {"version": 1, "ratio": self.ratio, "reference_loss": self.reference_loss}
         if self.buffer is not None:
             state["buffer"] = self.buffer.state_dict()
+        if self.lm_term is not None:
+            state["lm_sampler"] = self.lm_term.state_dict()
         return {**self.sampler.state_dict(), STATE_KEY: state}
 
     def load_state_dict(self, state: dict) -> None:
@@ -176,6 +180,8 @@ class OnPolicyBatches:
         self.ratio, self.reference_loss = float(mine["ratio"]), mine["reference_loss"]
         if self.buffer is not None and "buffer" in mine:
             self.buffer.load_state_dict(mine["buffer"])
+        if self.lm_term is not None and "lm_sampler" in mine:
+            self.lm_term.load_state_dict(mine["lm_sampler"])
 
     def observe_validation(self, record: dict) -> None:
         """DistiLLM: raise the student-sample probability when the validation CE rose by eps."""
@@ -229,8 +235,8 @@ class OnPolicyBatches:
         return slots
 
     # ------------------------------------------------------------------ steps
-    def step_iterator(self, iteration: int):
-        """Iterator over this step's microbatches (on ``device``); call once per training step."""
+    def step_iterator(self, iteration: int) -> tuple:
+        """(iterator, count) of this step's microbatches (on ``device``); once per training step."""
         from megatron_csd.data import collate
 
         slots = self._draw()
@@ -251,7 +257,9 @@ class OnPolicyBatches:
                      for index, g in micro]
             batches.append({k: v.to(self.device) for k, v in collate(items).items()})
         self.stats = {**stats, "generate_s": generate_s}
-        return iter(batches)
+        if self.lm_term is not None:
+            batches = self.lm_term.interleave(batches)
+        return iter(batches), len(batches)
 
     def _student_step(self, iteration: int, flat: list) -> tuple:
         """({(index, g): sample} for this rank's student-data slots, global counts)."""
@@ -310,6 +318,9 @@ def build_on_policy(trainer, sample_fn: Optional[Sampler] = None) -> Optional[On
         raise ValueError("--adaptive-student-data follows the validation loss: give --valid-data "
                          "and an --eval-interval > 0")
     tokenizer = trainer.data.tokenizer
+    from megatron_csd.training.lm_term import build_lm_term
+
+    lm_term = build_lm_term(config, tokenizer, trainer.ctx, trainer.dp_size)
     if sample_fn is None:
         sample_fn = megatron_sampler(vocab_size=trainer.plan.vocab_size)
     teacher_responses = None
@@ -324,4 +335,4 @@ def build_on_policy(trainer, sample_fn: Optional[Sampler] = None) -> Optional[On
         dp_size=trainer.dp_size, seq_length=config.training.seq_length, student=trainer.student,
         eos_id=tokenizer.eos_id, sample_fn=sample_fn, device=trainer.ctx.device,
         teacher_responses=teacher_responses, dp_group=trainer.ctx.dp_group,
-        train_iters=config.training.train_iters)
+        train_iters=config.training.train_iters, lm_term=lm_term)

@@ -14,6 +14,7 @@
                                 student_data_ratio is the initial probability (default 0); it
                                 grows by adaptive_ratio_step whenever the validation CE rises
                                 by adaptive_loss_eps or more over the last reference value
+    lm_data, lm_coef            optional pre-training term: + lm_coef * CE on plain text (lm_term.py)
 
 All of them keep the objective, the CSD weighting and the per-token normalisation unchanged;
 only the token sequences (and their loss masks) of the training batches change.
@@ -55,7 +56,16 @@ class OnPolicyConfig:
     adaptive_ratio_step: float = field(default=0.1, metadata=_flag(
         "--adaptive-ratio-step", "how much the student-sample probability grows each time"))
 
+    lm_data: Optional[str] = field(default=None, metadata=_flag(
+        "--lm-data", "plain text (.txt, blank-line separated, or JSONL 'text') for a pre-training CE term"))
+    lm_coef: Optional[float] = field(default=None, metadata=_flag(
+        "--lm-coef", "weight C of the LM term: loss = distill + C * CE(text)"))
+
     def __post_init__(self):
+        if (self.lm_data is None) != (self.lm_coef is None):
+            raise ValueError("--lm-data and --lm-coef go together (the text and the weight of its CE term)")
+        if self.lm_coef is not None:
+            _number("lm_coef", self.lm_coef, low=0.0, high=None)
         if isinstance(self.replay_buffer_size, bool) or not isinstance(self.replay_buffer_size, int) \
                 or self.replay_buffer_size < 0:
             raise ValueError(f"on_policy.replay_buffer_size must be an int >= 0, got {self.replay_buffer_size!r}")
@@ -81,11 +91,12 @@ class OnPolicyConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.student_data_ratio is not None or self.teacher_generated or self.adaptive_student_data
+        return (self.student_data_ratio is not None or self.teacher_generated
+                or self.adaptive_student_data or self.lm_data is not None)
 
     def check_mode(self, mode: str) -> None:
         """On-policy regimes distil: they need the teacher (raises in SFT mode)."""
         if self.enabled and mode != "distill":
             raise ValueError("the on_policy options (--student-data-ratio, --teacher-generated, "
-                             "--adaptive-student-data) need mode 'distill' with a teacher; remove "
-                             "them for --mode sft")
+                             "--adaptive-student-data, --lm-data) need mode 'distill' with a teacher; "
+                             "remove them for --mode sft")

@@ -204,8 +204,9 @@ class Trainer:
         self.stage.reset_teacher_time()
         self.stage.start_teacher_pass()
         start = time.perf_counter()
-        batches = self.train_iterator if self.on_policy is None else self.on_policy.step_iterator(self.iteration + 1)
-        outputs = self._forward_backward(batches, self.num_microbatches, forward_only=False)
+        batches, count = ((self.train_iterator, self.num_microbatches) if self.on_policy is None
+                          else self.on_policy.step_iterator(self.iteration + 1))
+        outputs = self._forward_backward(batches, count, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
