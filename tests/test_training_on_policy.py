@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from megatron_csd.data import BatchIterator, ResumableSampler, build_training_sample
-from megatron_csd.training.on_policy import (Completion, OnPolicyBatches, generated_sample,
-                                             keyed_seed, keyed_uniform)
+from megatron_csd.training.generated_samples import (Completion, generated_sample, keyed_seed,
+                                                     keyed_uniform)
+from megatron_csd.training.on_policy import OnPolicyBatches, build_on_policy
 from megatron_csd.training.on_policy_config import OnPolicyConfig
 
 PAD, EOS, BOS = 0, 1, 2
@@ -171,3 +172,38 @@ def test_on_policy_config_rejects_bad_values():
         OnPolicyConfig(student_data_ratio=0.5, student_sample_temperature=0.0)
     with pytest.raises(ValueError, match="not both"):
         OnPolicyConfig(student_data_ratio=0.5, teacher_generated=True)
+
+
+def _config_tree(**sections):
+    from megatron_csd.training.config_io import config_from_dict
+
+    tree = {"mode": "distill", "device": "cpu", "student": {"preset": "tiny-gemma"},
+            "teacher": {"preset": "tiny-gemma"}, "data": {"train_path": "t", "tokenizer": "tok"}}
+    tree.update(sections)
+    return config_from_dict(tree)
+
+
+def test_on_policy_flags_parse_and_are_refused_where_they_cannot_work():
+    from types import SimpleNamespace
+
+    from megatron_csd.training.config_io import parse_config
+
+    config = parse_config(["--student-preset", "tiny-gemma", "--teacher-preset", "tiny-gemma",
+                           "--train-data", "t", "--tokenizer", "tok", "--student-data-ratio", "0.5",
+                           "--student-sample-temperature", "0.7", "--replay-buffer-size", "8",
+                           "--adaptive-student-data", "--lm-data", "x.txt", "--lm-coef", "0.1"])
+    assert (config.on_policy.student_data_ratio, config.on_policy.student_sample_temperature,
+            config.on_policy.replay_buffer_size, config.on_policy.adaptive_student_data,
+            config.on_policy.lm_data, config.on_policy.lm_coef) == (0.5, 0.7, 8, True, "x.txt", 0.1)
+    with pytest.raises(ValueError, match="mode 'distill'"):
+        _config_tree(mode="sft", teacher={}, on_policy={"student_data_ratio": 0.5})
+    with pytest.raises(ValueError, match="lm-coef"):
+        _config_tree(on_policy={"lm_data": "x.txt"})
+    parallel = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+    trainer = SimpleNamespace(config=_config_tree(parallel=parallel, on_policy={"student_data_ratio": 1.0}),
+                              data=SimpleNamespace(valid=None))
+    with pytest.raises(ValueError, match="sequence-parallel"):
+        build_on_policy(trainer)
+    trainer.config = _config_tree(on_policy={"adaptive_student_data": True, "replay_buffer_size": 4})
+    with pytest.raises(ValueError, match="eval-interval"):
+        build_on_policy(trainer)

@@ -22,7 +22,7 @@ import os
 
 import torch.distributed as dist
 
-from megatron_csd.training.on_policy import Completion, keyed_seed, sample_with
+from megatron_csd.training.generated_samples import Completion, keyed_seed, sample_with
 
 FILE_NAME = "teacher_generated.jsonl"
 TEMPERATURE = 1.0
