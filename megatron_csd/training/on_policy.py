@@ -140,11 +140,6 @@ class OnPolicyBatches:
         fresh = self.ratio * (1.0 - iteration / self.train_iters)
         return FRESH if u < fresh or buffer_length < self.buffer.capacity else BUFFER
 
-    def replaced(self, iteration: int, global_index: int) -> bool:
-        """Whether sample ``global_index`` of step ``iteration`` gets a student response."""
-        buffer_length = len(self.buffer) if self.buffer is not None else 0
-        return self.source(iteration, global_index, buffer_length) != DATA
-
     def _generates(self, source: str) -> bool:
         return source == FRESH or (source == BUFFER and not self.config.adaptive_student_data)
 
