@@ -92,16 +92,19 @@ def _build_wrapper(model, batch_size: int, max_len: int, params_dtype):
     return wrapper, context
 
 
-def _check_vocab(vocab_size, model, requests, params):
+def check_requests(requests, params, *, vocab_size: int, max_positions: int) -> None:
+    """ValueError for prompt ids outside the vocabulary, a prompt filling every position, or
+    an eos id outside the vocabulary (run before any model work: the CLI calls it early)."""
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int (the model's real vocabulary), got {vocab_size!r}")
-    if vocab_size > model.vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} exceeds the model's padded vocabulary {model.vocab_size}")
     for index, request in enumerate(requests):
         bad = [i for i in request.prompt_ids if i >= vocab_size]
         if bad:
             raise ValueError(f"request {index}: prompt id {bad[0]} is outside the model's "
                              f"vocabulary of {vocab_size} ids")
+        if len(request.prompt_ids) >= max_positions:
+            raise ValueError(f"request {index}: prompt of {len(request.prompt_ids)} tokens leaves "
+                             f"no room below the model's {max_positions} positions")
     if params.eos_id is not None and params.eos_id >= vocab_size:
         raise ValueError(f"eos_id {params.eos_id} is outside the model's vocabulary of {vocab_size} ids")
 
@@ -174,11 +177,9 @@ def generate(model, requests: list[GenerationRequest], params: SamplingParams, *
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the completion; pass tokenizer=")
     inner = _unwrap(model)
-    _check_vocab(vocab_size, inner, requests, params)
-    too_long = [i for i, r in enumerate(requests) if len(r.prompt_ids) >= inner.max_sequence_length]
-    if too_long:
-        raise ValueError(f"request {too_long[0]}: prompt of {len(requests[too_long[0]].prompt_ids)} "
-                         f"tokens leaves no room below the model's {inner.max_sequence_length} positions")
+    if isinstance(vocab_size, int) and vocab_size > inner.vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} exceeds the model's padded vocabulary {inner.vocab_size}")
+    check_requests(requests, params, vocab_size=vocab_size, max_positions=inner.max_sequence_length)
     limit = vocab_size
     if params.decodable_vocab_size is not None:
         limit = min(limit, params.decodable_vocab_size)

@@ -19,7 +19,6 @@ class LoadedModel(NamedTuple):
     model: object            # GPTModel (this rank's TP/PP shard), eval mode
     model_config: object     # models.ModelConfig
     tokenizer: Optional[object]
-    checkpoint_dir: str      # the resolved folder (an iter_* folder for a trainer save dir)
 
 
 def find_tokenizer(directory: str, tokenizer: Optional[str] = None):
@@ -47,7 +46,10 @@ def load_for_generation(load: str, *, precision: str = "fp32", tokenizer: Option
     """Build this rank's GPTModel shard for the current parallel_state and load `load` into it.
 
     Collective: every rank calls it after parallel_state is initialised (e.g. by
-    megatron_csd.parallel.initialize_parallel). ValueError for a folder that is not a checkpoint.
+    megatron_csd.parallel.initialize_parallel, which also picks the device: the model is built
+    where Megatron builds it, on the GPU of this rank or, in CPU mode, on the CPU).
+    Returns (model, model_config, tokenizer-or-None). ValueError for a folder that is not a
+    checkpoint.
     """
     from megatron.core import parallel_state
 
@@ -67,4 +69,4 @@ def load_for_generation(load: str, *, precision: str = "fp32", tokenizer: Option
     load_model(model, directory)
     model.eval()
     tok = find_tokenizer(directory, tokenizer) if load_tokenizer else None
-    return LoadedModel(model, cfg, tok, directory)
+    return LoadedModel(model, cfg, tok)

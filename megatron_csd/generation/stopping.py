@@ -4,6 +4,12 @@ from __future__ import annotations
 from megatron_csd.generation.params import GenerationResult, SamplingParams
 
 
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """tokenizer.decode(ids), skipping ids the tokenizer does not have (only produced with
+    ``allow_undecodable_ids``: they stay in completion_ids and are left out of the text)."""
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+
+
 class StopState:
     """Collects one request's generated ids and decides when it is done.
 
@@ -36,7 +42,7 @@ class StopState:
             return
         self.ids.append(token_id)
         if self.params.stop_strings:
-            text = self.tokenizer.decode(self.ids)
+            text = decode_text(self.tokenizer, self.ids)
             cuts = [text.find(stop) for stop in self.params.stop_strings if stop in text]
             if cuts:
                 self.reason, self.text = "stop", text[:min(cuts)]
@@ -52,5 +58,5 @@ class StopState:
     def result(self) -> GenerationResult:
         text = self.text
         if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(self.ids)
+            text = decode_text(self.tokenizer, self.ids)
         return GenerationResult(list(self.ids), self.reason, text)
