@@ -5,6 +5,8 @@ micro batch 1, 3 iterations of CSD SS):
 
 * ``--student-data-ratio 0`` runs the on-policy batch builder but replaces nothing: its losses
   are bitwise those of the plain off-policy run;
+* at ratio 1, every row of a step is exactly ``prompt + generate(prompt, keyed seed, own
+  budget) (+ eos)`` and its loss mask exactly the generated targets (real generation);
 * ``--student-data-ratio 0.5`` (student samples generated every step, temperature 1) gives the
   same losses at TP1, TP2 and PP2 to rtol 1e-5 -- the replaced samples are keyed by (seed,
   iteration, global sample index) and sampling is layout-independent -- and different losses
@@ -101,6 +103,39 @@ def _reference_lm_ce(workspace, lm_path, seed, num_windows) -> float:
     return total / count
 
 
+def _generated_rows_against_direct_generation(workspace) -> int:
+    """Step 1 at ratio 1: each row is prompt + what generate() gives for that prompt and seed
+    with the sample's own budget (+ eos when it stopped on eos); the loss mask is exactly the
+    generated targets. Returns how many rows stopped on eos."""
+    import torch
+
+    from megatron_csd.data import ResumableSampler
+    from megatron_csd.generation import GenerationRequest, SamplingParams, generate
+    from megatron_csd.parallel.initialize import destroy_parallel
+    from megatron_csd.training.generated_samples import keyed_seed
+    from megatron_csd.training.trainer import Trainer
+
+    trainer = Trainer(_config(workspace, "masks", ratio=1.0))
+    dataset, eos = trainer.data.train, trainer.data.tokenizer.eos_id
+    batches, count = trainer.on_policy.step_iterator(1)
+    rows = [(b["tokens"][0], b["labels"][0], b["loss_mask"][0]) for b in batches]
+    indices = ResumableSampler(len(dataset), seed=11).next_indices(count)
+    stopped = 0
+    for g, (index, (tokens, labels, mask)) in enumerate(zip(indices, rows)):
+        prompt = [int(t) for t in dataset.prompt_and_response(index)[0]]
+        params = SamplingParams(temperature=1.0, max_new_tokens=33 - len(prompt), eos_id=eos)
+        result = generate(trainer.student, [GenerationRequest(prompt, seed=keyed_seed(11, 1, g))],
+                          params, vocab_size=trainer.plan.vocab_size)[0]
+        ids = prompt + list(result.completion_ids) + ([eos] if result.finish_reason == "eos" else [])
+        stopped += result.finish_reason == "eos"
+        want_mask = torch.tensor([len(prompt) <= t + 1 < len(ids) for t in range(32)], dtype=torch.float32)
+        assert torch.equal(mask, want_mask), (g, ids)
+        assert tokens[:len(ids) - 1].tolist() == ids[:-1] and labels[mask > 0].tolist() == ids[len(prompt):]
+        assert (tokens[len(ids) - 1:] == dataset.pad_id).all()  # padding only after the sample
+    destroy_parallel()
+    return stopped
+
+
 def _train_records(workspace, name, keys) -> list:
     return [[r.get(k) for k in keys] for r in _metrics(workspace, name) if r["split"] == "train"]
 
@@ -110,6 +145,7 @@ def _world_of_one(rank, world_size, workspace, out_file):
     record = _runs(workspace, [("off", {}), ("zero", {"ratio": 0.0}), ("half_tp1", {"ratio": 0.5}),
                                ("imitkd_tp1", {"on_policy": IMITKD}), ("seqkd_tp1", {"on_policy": SEQKD})])
     record["generated"] = _train_records(workspace, "half_tp1", ["generated_samples"])
+    record["masks_checked_eos_stops"] = _generated_rows_against_direct_generation(workspace)
     record["imitkd_stats"] = _train_records(workspace, "imitkd_tp1", ["generated_samples", "replayed_samples"])
     record["seqkd_stats"] = _train_records(workspace, "seqkd_tp1", ["teacher_samples"])
     lm = {"lm_data": _write_lm_text(workspace), "lm_coef": 0.5}
