@@ -65,8 +65,9 @@ def _check_float(name: str, value, *, minimum: float | None = None,
 class ModelRef:
     """Where a model comes from: a preset (random init) or a model-only checkpoint directory.
 
-    ``overrides`` replaces ModelConfig fields of a preset (e.g. a smaller tiny student); the
-    vocabulary size of a preset is always taken from the tokenizer.
+    ``overrides`` replaces ModelConfig fields of a preset (e.g. a smaller tiny student); a
+    preset's vocab_size defaults to the other model's when that is a checkpoint, else to the
+    tokenizer's size (``training.model_setup``).
     """
 
     preset: Optional[str] = None
