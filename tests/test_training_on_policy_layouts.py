@@ -123,7 +123,8 @@ def _generated_rows_against_direct_generation(workspace) -> int:
     stopped = 0
     for g, (index, (tokens, labels, mask)) in enumerate(zip(indices, rows)):
         prompt = [int(t) for t in dataset.prompt_and_response(index)[0]]
-        params = SamplingParams(temperature=1.0, max_new_tokens=33 - len(prompt), eos_id=eos)
+        params = SamplingParams(temperature=1.0, max_new_tokens=33 - len(prompt), eos_id=eos,
+                                decodable_vocab_size=trainer.data.tokenizer.vocab_size)
         result = generate(trainer.student, [GenerationRequest(prompt, seed=keyed_seed(11, 1, g))],
                           params, vocab_size=trainer.plan.vocab_size)[0]
         ids = prompt + list(result.completion_ids) + ([eos] if result.finish_reason == "eos" else [])

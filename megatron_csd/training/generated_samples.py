@@ -39,14 +39,20 @@ class Completion:
 Sampler = Callable[..., list]
 
 
-def megatron_sampler(*, vocab_size: int) -> Sampler:
-    """The project's Megatron-Core generation (megatron_csd.generation) as a :data:`Sampler`."""
+def megatron_sampler(*, vocab_size: int, decodable_vocab_size: Optional[int] = None) -> Sampler:
+    """The project's Megatron-Core generation (megatron_csd.generation) as a :data:`Sampler`.
+
+    ``vocab_size``: the model's rows (Megatron padding beyond is never sampled);
+    ``decodable_vocab_size``: the tokenizer's size -- model rows past it are never sampled
+    either, as at inference, so every generated id is a token the tokenizer knows.
+    """
 
     def sample(model, prompts, seeds, *, temperature, max_new_tokens, eos_id):
         from megatron_csd.generation import GenerationRequest, SamplingParams, generate
 
         params = SamplingParams(greedy=False, temperature=float(temperature), top_k=0, top_p=1.0,
-                                max_new_tokens=int(max_new_tokens), eos_id=eos_id)
+                                max_new_tokens=int(max_new_tokens), eos_id=eos_id,
+                                decodable_vocab_size=decodable_vocab_size)
         requests = [GenerationRequest(prompt_ids=[int(t) for t in p], seed=int(s))
                     for p, s in zip(prompts, seeds)]
         results = generate(model, requests, params, vocab_size=vocab_size)

@@ -247,7 +247,8 @@ def build_on_policy(trainer, sample_fn: Optional[Sampler] = None) -> Optional[On
 
     lm_term = build_lm_term(config, tokenizer, trainer.ctx, trainer.dp_size)
     if sample_fn is None:
-        sample_fn = megatron_sampler(vocab_size=trainer.plan.vocab_size)
+        sample_fn = megatron_sampler(vocab_size=trainer.plan.vocab_size,
+                                     decodable_vocab_size=tokenizer.vocab_size)
     teacher_responses = None
     if config.on_policy.teacher_generated:
         from megatron_csd.training.teacher_generated import load_or_generate
