@@ -11,14 +11,15 @@ micro batch 1, 3 iterations of CSD SS):
   same losses at TP1, TP2 and PP2 to rtol 1e-5 -- the replaced samples are keyed by (seed,
   iteration, global sample index) and sampling is layout-independent -- and different losses
   from the off-policy run;
-* ImitKD (ratio 1 through a replay buffer of 3 samples) agrees at TP1 and DP2 (the buffer is
+* ImitKD (ratio 1 through a replay buffer of 3 samples; CSD TS at temperature 2) agrees at
+  TP1 and DP2 (the buffer is
   all-gathered over DP, identical everywhere);
-* SeqKD (``--teacher-generated``) writes the same teacher responses at TP1 and TP2 and trains
+* SeqKD (``--teacher-generated``; fkl with kd_ratio 0.5) writes the same teacher responses at TP1 and TP2 and trains
   to the same losses;
 * the LM term (``--lm-data``, ``--lm-coef 0.5``): the logged loss minus the distillation term
   is 0.5 x the student's CE on the drawn text windows, recomputed here in fp64 from the initial
   student (first step); TP1 and DP2 agree; ``--lm-coef 0`` leaves the off-policy losses bitwise;
-* a DistiLLM run (adaptive schedule, buffer of 3, validation every step) saved at iteration 2
+* a DistiLLM run (srkl, adaptive schedule, buffer of 3, validation every step) saved at iteration 2
   and resumed from there reproduces the straight run's iterations 3-4 (loss, grad norm,
   student-sample statistics) and its final validation bitwise.
 """
@@ -37,6 +38,9 @@ RTOL = 1e-5
 
 IMITKD = {"student_data_ratio": 1.0, "replay_buffer_size": 3}
 SEQKD = {"teacher_generated": True}
+# other objectives in the other modes (the loss path is the same in every mode)
+IMITKD_LOSS = {"objective": "csd", "weights": "TS", "temperature": 2.0}
+SEQKD_LOSS = {"objective": "fkl", "kd_ratio": 0.5}
 DISTILLM = {"student_data_ratio": 0.5, "replay_buffer_size": 3, "adaptive_student_data": True,
             "adaptive_loss_eps": 0.0}
 
@@ -144,7 +148,8 @@ def _train_records(workspace, name, keys) -> list:
 def _world_of_one(rank, world_size, workspace, out_file):
     save_initial_models(workspace)
     record = _runs(workspace, [("off", {}), ("zero", {"ratio": 0.0}), ("half_tp1", {"ratio": 0.5}),
-                               ("imitkd_tp1", {"on_policy": IMITKD}), ("seqkd_tp1", {"on_policy": SEQKD})])
+                               ("imitkd_tp1", {"on_policy": IMITKD, "loss": IMITKD_LOSS}),
+                               ("seqkd_tp1", {"on_policy": SEQKD, "loss": SEQKD_LOSS})])
     record["generated"] = _train_records(workspace, "half_tp1", ["generated_samples"])
     record["masks_checked_eos_stops"] = _generated_rows_against_direct_generation(workspace)
     record["imitkd_stats"] = _train_records(workspace, "imitkd_tp1", ["generated_samples", "replayed_samples"])
@@ -154,7 +159,8 @@ def _world_of_one(rank, world_size, workspace, out_file):
                                     ("lm_tp1", {"on_policy": lm})]))
     record["lm_first"] = _train_records(workspace, "lm_tp1", ["loss", "kd"])[0]
     record["lm_reference_ce"] = _reference_lm_ce(workspace, lm["lm_data"], 11, 4)
-    distillm = {"on_policy": DISTILLM, "train_iters": 4, "training": {"eval_interval": 1}}
+    distillm = {"on_policy": DISTILLM, "train_iters": 4, "training": {"eval_interval": 1},
+                "loss": {"objective": "srkl"}}
     record.update(_runs(workspace, [
         ("straight", {**distillm, "checkpoint": {"save_interval": 2}}),
         ("resumed", {**distillm, "checkpoint": {"load": os.path.join(
@@ -167,8 +173,8 @@ def _world_of_one(rank, world_size, workspace, out_file):
 
 def _world_of_two(rank, world_size, workspace, out_file):
     record = _runs(workspace, [("half_tp2", {"ratio": 0.5, "tp": 2}), ("half_pp2", {"ratio": 0.5, "pp": 2}),
-                               ("imitkd_dp2", {"on_policy": IMITKD}),
-                               ("seqkd_tp2", {"on_policy": SEQKD, "tp": 2}),
+                               ("imitkd_dp2", {"on_policy": IMITKD, "loss": IMITKD_LOSS}),
+                               ("seqkd_tp2", {"on_policy": SEQKD, "loss": SEQKD_LOSS, "tp": 2}),
                                ("lm_dp2", {"on_policy": {"lm_data": os.path.join(workspace["root"], "lm.txt"),
                                                          "lm_coef": 0.5}})])
     if rank == 0:
