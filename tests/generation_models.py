@@ -61,3 +61,27 @@ def hf_greedy(model, prompt, max_new_tokens, eos_id=2):
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=eos_id, pad_token_id=0)[0, len(prompt):].tolist()
     return out[:out.index(eos_id)] if eos_id in out else out
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    """softmax(logits / T) restricted by transformers' TopK then TopP warpers (fp64)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.double().unsqueeze(0) / temperature
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+def chi_square(counts, expected_probs, total):
+    expected = expected_probs * total
+    big = expected >= 5
+    small_obs, small_exp = counts[~big].sum(), expected[~big].sum()  # pooled sparse bins
+    stat = (((counts[big] - expected[big]) ** 2) / expected[big]).sum()
+    dof = int(big.sum()) - 1
+    if small_exp > 0:
+        stat = stat + (small_obs - small_exp) ** 2 / small_exp
+        dof += 1
+    return float(stat), dof

@@ -3,7 +3,8 @@ embedding has 8 more rows than its sentencepiece tokenizer has ids (the issue-12
 
 The 8 extra output rows are made to dominate the logits, so greedy decoding would pick them:
 by default they are masked (every completion id decodes); --allow-undecodable-ids lets them
-through. Also: Dolly / prompt / prompt_ids lines, the documented output fields, --eos-id,
+through. --load takes the converted folder, a trainer save directory (latest) and an iter_* folder.
+Also: Dolly / prompt / prompt_ids lines, the documented output fields, --eos-id,
 per-request seeds S + i, and one-line errors for bad input.
 """
 import json
@@ -50,13 +51,16 @@ def checkpoint(tmp_path_factory):
     model.save_pretrained(hf_dir)
     convert_hf_to_megatron(hf_dir, root / "mg", vocab_multiple=64)
     (root / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in LINES))
+    (root / "save").mkdir()  # a trainer save directory's layout: latest -> iter_* (model part)
+    (root / "save" / "iter_0000003").symlink_to(root / "mg", target_is_directory=True)
+    (root / "save" / "latest").write_text("iter_0000003\n")
     return root, tokenizer
 
 
-def _generate(root, out_name, *extra, nproc=1):
+def _generate(root, out_name, *extra, nproc=1, load="mg"):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
                 if nproc > 1 else [sys.executable])
-    cmd = launcher + [str(REPO / "tools" / "generate.py"), "--load", str(root / "mg"),
+    cmd = launcher + [str(REPO / "tools" / "generate.py"), "--load", str(root / load),
                       "--input", str(root / "in.jsonl"), "--output", str(root / out_name),
                       "--max-new-tokens", "6", "--device", "cpu", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -71,7 +75,7 @@ def _generate(root, out_name, *extra, nproc=1):
 def test_generate_cli_writes_documented_fields_and_masks_undecodable_ids(checkpoint):
     root, tokenizer = checkpoint
     proc, lines = _generate(root, "greedy.jsonl", "--greedy", "--tensor-model-parallel-size", "1",
-                            "--pipeline-model-parallel-size", "1")
+                            "--pipeline-model-parallel-size", "1", load="save")  # follows latest
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line["id"] for line in lines] == ["dolly", "text", "ids"]
     for line, original in zip(lines, LINES):
@@ -90,7 +94,8 @@ def test_generate_cli_sampling_at_tp2_under_torchrun_matches_tp1(checkpoint):
              "--allow-undecodable-ids"]
     proc, tp1 = _generate(root, "tp1.jsonl", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc, tp2 = _generate(root, "tp2.jsonl", *flags, "--tensor-model-parallel-size", "2", nproc=2)
+    proc, tp2 = _generate(root, "tp2.jsonl", *flags, "--tensor-model-parallel-size", "2", nproc=2,
+                          load="save/iter_0000003")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line["completion_ids"] for line in tp2] == [line["completion_ids"] for line in tp1]
     assert all(max(line["completion_ids"]) >= tokenizer.vocab_size for line in tp1)

@@ -10,6 +10,7 @@ import torch
 from megatron_csd.generation.noise import gumbel_noise, uniform_noise
 from megatron_csd.generation.params import GenerationRequest, SamplingParams
 from megatron_csd.generation.sampler import choose_tokens, top_p_mask
+from tests.generation_models import chi_square as _chi_square, reference_probs as _reference_probs
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,30 +20,6 @@ def _choose(logits, params, *, seeds=None, steps=None, limit=None, start=0):
     return choose_tokens(logits, params, vocab_start=start, limit=logits.shape[-1] if limit is None else limit,
                          seeds=seeds if seeds is not None else list(range(rows)),
                          steps=steps if steps is not None else [0] * rows, tp_group=None)
-
-
-def _reference_probs(logits, temperature, top_k, top_p):
-    """softmax(logits / T) restricted by transformers' TopK then TopP warpers (fp64)."""
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-    scores = logits.double().unsqueeze(0) / temperature
-    if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if top_p < 1:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return torch.softmax(scores, dim=-1)[0]
-
-
-def _chi_square(counts, expected_probs, total):
-    expected = expected_probs * total
-    big = expected >= 5
-    small_obs, small_exp = counts[~big].sum(), expected[~big].sum()  # pooled sparse bins
-    stat = (((counts[big] - expected[big]) ** 2) / expected[big]).sum()
-    dof = int(big.sum()) - 1
-    if small_exp > 0:
-        stat = stat + (small_obs - small_exp) ** 2 / small_exp
-        dof += 1
-    return float(stat), dof
 
 
 def test_noise_is_a_function_of_seed_step_and_global_id_only():
