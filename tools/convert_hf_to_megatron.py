@@ -28,6 +28,11 @@ def main(argv=None) -> int:
                         help="pad the vocabulary to a multiple of this (default 1024 = any TP <= 8)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
+    import torch
+
+    from megatron_csd.training.warning_filters import install_known_warning_filters
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())  # upstream noise only
 
     from megatron_csd.conversion.hf_to_megatron import convert_hf_to_megatron
 

@@ -1,7 +1,8 @@
 """Command-line entry point: ``torchrun ... -m megatron_csd.training.cli [--config X.yaml] [flags]``.
 
 Bad configuration exits with status 2 and a one-line message (no stack trace); the resolved
-config, metrics and checkpoints land under ``--output-dir`` / ``--save``.
+config, metrics and checkpoints land under ``--output-dir`` / ``--save``. Known-harmless upstream
+warnings are filtered here (``warning_filters``), not at library import.
 """
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ import sys
 
 
 def main(argv=None) -> int:
+    import torch
+
+    from megatron_csd.training.warning_filters import (
+        announce_missing_gpu_extras,
+        install_known_warning_filters,
+    )
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())
     from megatron_csd.training.config_io import parse_config
 
     try:
@@ -16,6 +25,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as err:
         print(f"megatron_csd: configuration error: {err}", file=sys.stderr)
         return 2
+    announce_missing_gpu_extras()
     from megatron_csd.training.trainer import run_training
 
     try:

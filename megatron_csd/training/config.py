@@ -14,6 +14,7 @@
       checkpoint    : CheckpointConfig save dir / interval, load dir
       logging       : LoggingConfig   output dir, log interval, TensorBoard
       on_policy     : OnPolicyConfig  student/teacher-generated responses (on_policy_config.py)
+      eval_generate : EvalGenerateConfig  sampled-answer evaluation every N steps (eval_generate_config.py)
 
 Every field is a plain JSON/YAML value, so ``asdict(config)`` is the resolved config that is
 written beside the run (``config.yaml``). Loading and command-line overrides live in
@@ -25,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_csd.training.eval_generate_config import EvalGenerateConfig
 from megatron_csd.training.on_policy_config import OnPolicyConfig
 
 MODES = ("distill", "sft")
@@ -236,6 +238,7 @@ SECTION_TYPES = {
     "student": ModelRef, "teacher": ModelRef, "loss": LossSection, "parallel": ParallelConfig,
     "optimizer": OptimizerConfig, "training": TrainingConfig, "data": DataConfig,
     "checkpoint": CheckpointConfig, "logging": LoggingConfig, "on_policy": OnPolicyConfig,
+    "eval_generate": EvalGenerateConfig,
 }
 
 
@@ -255,6 +258,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    eval_generate: EvalGenerateConfig = field(default_factory=EvalGenerateConfig)
 
     def __post_init__(self):
         for name, section_type in SECTION_TYPES.items():

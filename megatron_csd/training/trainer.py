@@ -62,6 +62,7 @@ class Trainer:
         from megatron_csd.parallel.initialize import initialize_parallel, resolve_device
         from megatron_csd.training.config_io import save_resolved_config
         from megatron_csd.training.data_setup import load_run_data
+        from megatron_csd.training.generation_eval import GenerationEvalHook
         from megatron_csd.training.metrics import MetricsWriter
         from megatron_csd.training.model_setup import build_models, params_dtype_for, plan_models
         from megatron_csd.training.objective import ObjectiveSpec
@@ -125,6 +126,7 @@ class Trainer:
         self.num_microbatches = config.training.global_batch_size // sequences_per_round
         self.save_dir = config.checkpoint.save or os.path.join(config.logging.output_dir, "checkpoints")
         self._setup_train_iterator()
+        self.eval_generate = GenerationEvalHook(self)  # --eval-generate-*: sampled answers, ROUGE-L
         self.iteration = 0
         # (iteration, directory) of a checkpoint in save_dir that holds the current state:
         # written by this run, or the one just loaded when it is save_dir's latest.
@@ -272,7 +274,8 @@ class Trainer:
         if len(validation) < 2:
             return
         first, last = validation[0], validation[-1]
-        self.writer.print(f"[megatron_csd] held-out response CE (student): {first['ce']:.4f} "
+        role = "sft model" if self.config.mode == "sft" else "student"  # sft trains e.g. a teacher
+        self.writer.print(f"[megatron_csd] held-out response CE ({role}): {first['ce']:.4f} "
                           f"(iter {first['iteration']}) -> {last['ce']:.4f} (iter {last['iteration']})")
         if "kd" in last:
             loss = self.config.loss
@@ -316,6 +319,7 @@ class Trainer:
                 self.writer.log({"split": "train", **record}, console=self._console_train(record))
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration != train_iters:
                 self._validate(result)
+            self.eval_generate.after_step(self.iteration)
             interval = config.checkpoint.save_interval
             if interval and self.iteration % interval == 0:
                 saved_this_run = self.save()
