@@ -147,6 +147,10 @@ def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
             student_logits, teacher_logits = output
         else:
             student_logits, teacher_logits = output, None
+        if "lm_weight" in batch:  # a plain-text microbatch of the optional LM term (lm_term.py)
+            from megatron_csd.training.lm_term import lm_loss_func
+
+            return student_logits, functools.partial(lm_loss_func, batch, spec, metric_names(spec, evaluating))
         return student_logits, functools.partial(loss_func, batch, teacher_logits, spec, evaluating)
 
     return forward_step

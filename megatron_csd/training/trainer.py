@@ -145,6 +145,11 @@ class Trainer:
                                    dp_rank=self.ctx.dp_rank, dp_size=self.dp_size)
         self.train_batches = BatchIterator(self.data.train, sampler, self.config.training.micro_batch_size)
         self.train_iterator = to_device(self.train_batches, self.ctx.device)
+        from megatron_csd.training.on_policy import build_on_policy
+
+        self.on_policy = build_on_policy(self)  # None unless an on_policy option is set
+        if self.on_policy is not None:
+            self.train_batches = self.on_policy  # draws through the same sampler; adds its state
 
     def _resume(self, load: str):
         from megatron_csd.training.checkpointing import load_checkpoint, resolve_checkpoint_dir
@@ -207,7 +212,9 @@ class Trainer:
         self.stage.reset_teacher_time()
         self.stage.start_teacher_pass()
         start = time.perf_counter()
-        outputs = self._forward_backward(self.train_iterator, self.num_microbatches, forward_only=False)
+        batches, count = ((self.train_iterator, self.num_microbatches) if self.on_policy is None
+                          else self.on_policy.step_iterator(self.iteration + 1))
+        outputs = self._forward_backward(batches, count, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
@@ -226,6 +233,7 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
         })
+        record.update(self.on_policy.stats if self.on_policy is not None else {})
         if self.stage.teacher is not None:
             # The teacher layers of THIS rank's pipeline stage only (the whole teacher when
             # PP = 1); the logging rank (global rank 0) is on the first stage.
@@ -300,6 +308,8 @@ class Trainer:
             check_finite_metrics(record, device=self.ctx.device)
             result.validation.append(record)
             self.writer.log(record, console=self._console_valid(record))
+            if self.on_policy is not None:  # DistiLLM's adaptive schedule watches validation
+                self.on_policy.observe_validation(record)
 
     def run(self) -> TrainResult:
         config = self.config
