@@ -118,6 +118,8 @@ def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
     the attention layer (``attention_mask=None``).
     """
 
+    from megatron_csd.training.fused_objective import FusedHeads, fused_loss_func
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
@@ -125,6 +127,8 @@ def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
             student_logits, teacher_logits = output
         else:
             student_logits, teacher_logits = output, None
+        if isinstance(teacher_logits, FusedHeads):  # fused output layer + loss (fused_loss.py)
+            return student_logits, functools.partial(fused_loss_func, batch, teacher_logits, spec, evaluating)
         return student_logits, functools.partial(loss_func, batch, teacher_logits, spec, evaluating)
 
     return forward_step

@@ -66,7 +66,7 @@ class Trainer:
         from megatron_csd.training.model_setup import build_models, params_dtype_for, plan_models
         from megatron_csd.training.objective import ObjectiveSpec
         from megatron_csd.training.optim import build_optimizer, build_scheduler, wrap_ddp
-        from megatron_csd.training.stage import DistillationStage
+        from megatron_csd.training.stage import DistillationStage, fused_head_supported
 
         self.config = config
         self.device_kind = resolve_device(config.device)
@@ -100,7 +100,8 @@ class Trainer:
         self.stage = DistillationStage(
             student, teacher, student_hidden=self.plan.student.hidden_size,
             teacher_hidden=self.plan.teacher.hidden_size if teacher is not None else 0,
-            post_process=ctx.is_last_stage, timed=True)
+            post_process=ctx.is_last_stage, timed=True,
+            fused_output_loss=config.loss.fused_output_loss and fused_head_supported(student, teacher))
         transformer_config = student.config
         transformer_config.calculate_per_token_loss = True  # read by DDP and the schedules
         use_dist_opt = config.optimizer.use_distributed_optimizer
