@@ -162,3 +162,34 @@ def _parity_checks(rank, world_size):
 @pytest.mark.slow
 def test_fused_matches_unfused_every_objective_tp1():
     run_distributed(_parity_checks, 1)
+
+
+def test_fused_output_loss_switch_parses_and_defaults_on():
+    from megatron_csd.training.config_io import build_arg_parser
+
+    parser = build_arg_parser()
+    assert parser.parse_args(["--fused-output-loss", "false"]).__dict__["loss.fused_output_loss"] is False
+    assert parser.parse_args(["--fused-output-loss"]).__dict__["loss.fused_output_loss"] is True
+    from megatron_csd.training.config import LossSection
+
+    assert LossSection().fused_output_loss is True
+    with pytest.raises(TypeError, match="fused_output_loss"):
+        LossSection(fused_output_loss="yes")
+
+
+def test_fused_head_unsupported_layer_falls_back_with_warning():
+    from types import SimpleNamespace
+
+    from megatron_csd.models.output_capture import OutputCapture, fused_head_problem
+    from megatron_csd.training.stage import fused_head_supported
+
+    layer = SimpleNamespace(bias=torch.zeros(3), gather_output=False, sequence_parallel=False)
+    model = SimpleNamespace(output_layer=layer, config=SimpleNamespace(mtp_num_layers=None))
+    assert "bias" in fused_head_problem(model)
+    with pytest.warns(UserWarning, match="fused output-layer loss off"):
+        assert fused_head_supported(model, None) is False
+    with pytest.raises(ValueError, match="--fused-output-loss false"):
+        OutputCapture(model)
+    layer.bias = None
+    assert fused_head_problem(model) is None and fused_head_supported(model, None) is True
+    assert fused_head_supported(SimpleNamespace(output_layer=None), None) is True  # not the last stage

@@ -46,7 +46,18 @@ def _load() -> str:
         return "unknown"
 
 
-def _inputs(args, rank, tp):
+def make_spec(args, group, rank, tp):
+    from megatron_csd.losses import LossConfig
+    from megatron_csd.training.objective import ObjectiveSpec
+
+    objective, _, weights = args.objective.partition("-")
+    return ObjectiveSpec(distill=True, loss_config=LossConfig(objective, weights=weights or "SS"),
+                         kd_ratio=args.kd_ratio, vocab_size=args.vocab, padded_vocab_size=args.vocab,
+                         tp_group=group, tp_rank=rank, tp_size=tp)
+
+
+def make_inputs(args, rank, tp, device="cpu", dtype=None):
+    """Hidden states ``[tokens, 1, h]``, the weight shards (student's a Parameter), the batch."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -58,34 +69,20 @@ def _inputs(args, rank, tp):
     labels = torch.randint(0, args.vocab, (1, args.tokens), generator=gen)
     mask = torch.ones(1, args.tokens)
     mask[:, : args.tokens // 10] = 0  # a prompt
-    return hidden, torch.nn.Parameter(weights[0]), teacher_hidden, weights[1], {"labels": labels, "loss_mask": mask}
+    move = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+    batch = {"labels": labels.to(device), "loss_mask": mask.to(device)}
+    return move(hidden), torch.nn.Parameter(move(weights[0])), move(teacher_hidden), move(weights[1]), batch
 
 
-def _worker(rank, tp, port, args, path, queue):
+def make_step(path, hidden, weight, teacher_hidden, teacher_weight, batch, spec, group):
+    """``step(grad=True) -> (loss_sum, dH, dW)``: one forward (+ backward) of the last stage's
+    output layers and loss, ``path`` "unfused" (full logits) or "fused" (token chunks)."""
     import torch
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // tp))
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-    from megatron_csd.losses import LossConfig
     from megatron_csd.models.output_capture import HeadInputs
-    from megatron_csd.training import fused_loss
     from megatron_csd.training.fused_objective import FusedHeads, fused_loss_func
-    from megatron_csd.training.objective import ObjectiveSpec, loss_func
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    group = parallel_state.get_tensor_model_parallel_group()
-    if args.chunk_mb:
-        fused_loss.CHUNK_BYTES = int(args.chunk_mb * 2**20)
-    objective, _, weights = args.objective.partition("-")
-    spec = ObjectiveSpec(distill=True, loss_config=LossConfig(objective, weights=weights or "SS"),
-                         kd_ratio=args.kd_ratio, vocab_size=args.vocab, padded_vocab_size=args.vocab,
-                         tp_group=group, tp_rank=rank, tp_size=tp)
-    hidden, weight, teacher_hidden, teacher_weight, batch = _inputs(args, rank, tp)
+    from megatron_csd.training.objective import loss_func
 
     def step(grad=True):
         h = hidden.detach().requires_grad_(grad)
@@ -102,6 +99,30 @@ def _worker(rank, tp, port, args, path, queue):
                 del student, teacher
         if grad:
             loss_sum.backward()
+        return loss_sum.detach(), h.grad, weight.grad
+
+    return step
+
+
+def _worker(rank, tp, port, args, path, queue):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // tp))
+    dist.init_process_group("gloo", rank=rank, world_size=tp)
+    from megatron.core import parallel_state
+
+    from megatron_csd.training import fused_loss
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    group = parallel_state.get_tensor_model_parallel_group()
+    if args.chunk_mb:
+        fused_loss.CHUNK_BYTES = int(args.chunk_mb * 2**20)
+    spec = make_spec(args, group, rank, tp)
+    hidden, weight, teacher_hidden, teacher_weight, batch = make_inputs(args, rank, tp)
+
+    step = make_step(path, hidden, weight, teacher_hidden, teacher_weight, batch, spec, group)
 
     def timed(grad=True):
         dist.barrier(group=group)

@@ -20,11 +20,13 @@ the same collectives as today's losses on its rows; the backward issues none of 
 Gradient during the forward (as Liger-Kernel does), not recomputed in the backward: the loss is
 ``sum mask * per_token`` and its only upstream gradient is the schedule's scalar (1, or the fp16
 loss scale), so dHs and dWs are computed for an upstream gradient of 1 while the chunk's logits
-exist and multiplied by the scalar in the backward. A chunk-wise recompute in the backward would
-redo both logit GEMMs and the loss forward: on the CPU benchmark (``tools/bench_loss.py --fused``,
-key ``forward_only_ms``) that forward alone costs about half of the fused step, so recomputing
-would miss the 1.1x time target; the price of the forward gradient is two small fp32
-accumulators, ``[N, h]`` and ``[V/TP, h]``, held from forward to backward.
+exist and multiplied by the scalar in the backward. Measured, not assumed: a chunk-wise
+recompute in the backward would redo both logit GEMMs and the loss forward on top of this same
+work; on the CPU benchmark (``tools/bench_loss.py --fused``, key ``forward_only_ms``, a loaded
+2-core machine) that forward alone took 0.4-0.9x of the whole fused step, while the fused step
+took 0.8-0.95x of the unfused one, so recomputing would break the 1.1x time budget. The price of
+the forward gradient is two small fp32 accumulators, ``[N, h]`` and ``[V/TP, h]``, held from the
+forward to the backward.
 
 Weight gradient: when Megatron's DDP gave the weight a ``main_grad`` buffer, dWs (times the
 scalar) is added to it in fp32 and a zero ``.grad`` is returned, so the DDP hook still fires
