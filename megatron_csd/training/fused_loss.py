@@ -116,7 +116,8 @@ def _cat(parts):
 def _run_chunks(hidden, weight, teacher_hidden, teacher_weight, labels, mask, plan: _Plan, want_grad: bool):
     """The chunk loop; returns (stats, dH fp32 or None, dW fp32 or None) for upstream gradient 1."""
     num_tokens = hidden.shape[0]
-    upcast = hidden.dtype == torch.float16
+    upcast = want_grad and hidden.dtype == torch.float16
+    weight_fp32 = weight.detach().float() if upcast else None  # one copy, not one per chunk
     grad_hidden = grad_weight = None
     if want_grad:
         grad_hidden = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
@@ -137,7 +138,7 @@ def _run_chunks(hidden, weight, teacher_hidden, teacher_weight, labels, mask, pl
         if grad is None:
             continue
         if upcast:  # fp16: keep the unscaled gradient in fp32 through both GEMMs
-            grad_hidden[start:end] = torch.matmul(grad, weight.float())
+            grad_hidden[start:end] = torch.matmul(grad, weight_fp32)
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), rows.float())
         else:
