@@ -23,8 +23,8 @@ loss scale), so dHs and dWs are computed for an upstream gradient of 1 while the
 exist and multiplied by the scalar in the backward. Measured, not assumed: a chunk-wise
 recompute in the backward would redo both logit GEMMs and the loss forward on top of this same
 work; on the CPU benchmark (``tools/bench_loss.py --fused``, key ``forward_only_ms``, a loaded
-2-core machine) that forward alone took 0.4-0.9x of the whole fused step, while the fused step
-took 0.8-0.95x of the unfused one, so recomputing would break the 1.1x time budget. The price of
+2-core machine) that forward alone took 0.4-1.4x of the whole fused step, while the fused step
+took 0.5-0.95x of the unfused one, so recomputing would break the 1.1x time budget. The price of
 the forward gradient is two small fp32 accumulators, ``[N, h]`` and ``[V/TP, h]``, held from the
 forward to the backward.
 
