@@ -23,10 +23,10 @@ loss scale), so dHs and dWs are computed for an upstream gradient of 1 while the
 exist and multiplied by the scalar in the backward. Measured, not assumed: a chunk-wise
 recompute in the backward would redo both logit GEMMs and the loss forward on top of this same
 work; on the CPU benchmark (``tools/bench_loss.py --fused``, key ``forward_only_ms``, a loaded
-2-core machine) that forward alone took 0.4-1.4x of the whole fused step, while the fused step
-took 0.5-0.95x of the unfused one, so recomputing would break the 1.1x time budget. The price of
-the forward gradient is two small fp32 accumulators, ``[N, h]`` and ``[V/TP, h]``, held from the
-forward to the backward.
+2-core machine) that forward alone took 0.4-1.4x of the whole fused step (which itself took
+0.5-0.95x of the unfused step), so recomputing would add that much time to save only what the
+forward gradient costs in memory: two small fp32 accumulators, ``[N, h]`` and ``[V/TP, h]``,
+held from the forward to the backward.
 
 Weight gradient: when Megatron's DDP gave the weight a ``main_grad`` buffer, dWs (times the
 scalar) is added to it in fp32 and a zero ``.grad`` is returned, so the DDP hook still fires
