@@ -193,3 +193,25 @@ def test_fused_head_unsupported_layer_falls_back_with_warning():
     layer.bias = None
     assert fused_head_problem(model) is None and fused_head_supported(model, None) is True
     assert fused_head_supported(SimpleNamespace(output_layer=None), None) is True  # not the last stage
+
+
+@pytest.mark.slow
+def test_fused_peak_memory_is_below_a_quarter_of_unfused(tmp_path):
+    """tools/bench_loss.py --fused in fresh processes: the keys, and fused peak RSS <= 25% of
+    unfused (1024 tokens x V 32000, a 65-token chunk: the target shape's chunk share, ~6%)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fused.json"
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(root, "tools", "bench_loss.py"), "--fused", "--tokens", "1024",
+                    "--vocab", "32000", "--tp", "1", "--threads", "1", "--chunk-mb", "8", "--repeats", "1",
+                    "--json", str(out)], check=True, env=env, cwd=root, capture_output=True)
+    result = json.loads(out.read_text())
+    for key in ("unfused_peak_mb", "fused_peak_mb", "unfused_ms", "fused_ms", "buffer_mb", "load_before"):
+        assert key in result, key
+    assert result["unfused_peak_mb"] > 3 * result["buffer_mb"]  # the logits really were formed
+    assert result["fused_peak_mb"] <= 0.25 * result["unfused_peak_mb"], result
