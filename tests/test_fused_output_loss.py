@@ -215,3 +215,24 @@ def test_fused_peak_memory_is_below_a_quarter_of_unfused(tmp_path):
         assert key in result, key
     assert result["unfused_peak_mb"] > 3 * result["buffer_mb"]  # the logits really were formed
     assert result["fused_peak_mb"] <= 0.25 * result["unfused_peak_mb"], result
+
+
+def test_fused_logged_cross_entropy_matches_dense_over_chunks():
+    from megatron_csd.losses.chunked_ce import ChunkedCrossEntropy
+    from megatron_csd.losses.vocab_shard import describe_shard
+
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(10, PADDED, generator=generator, dtype=torch.float64).float() * 4
+    logits[:, VOCAB:] = 60.0  # padding never counts
+    logits[3, :VOCAB:2] = float("-inf")  # masked columns are probability 0
+    labels = torch.randint(0, VOCAB, (10,), generator=generator)
+    labels[3] = 1
+    logits[7, 5] = float("nan")
+    ce = ChunkedCrossEntropy(10, describe_shard(PADDED, None, VOCAB), torch.float32, "cpu")
+    for start in range(0, 10, 4):
+        ce.add(start, logits[start:start + 4], labels[start:start + 4])
+    got = ce.finish()
+    want = torch.nn.functional.cross_entropy(logits[:, :VOCAB].double(), labels, reduction="none")
+    keep = torch.arange(10) != 7
+    torch.testing.assert_close(got[keep].double(), want[keep], rtol=1e-6, atol=1e-6)
+    assert torch.isnan(got[7]), "NaN logits must give a NaN CE, never a number"

@@ -8,14 +8,16 @@ tokens are processed in chunks of c rows (one fp32 ``[c, V/TP]`` buffer <= ``CHU
 
     Zs_c = Hs_c Ws^T,  Zt_c = Ht_c Wt^T                      (param dtype, as the output layer)
     kd_c = distillation_loss(Zs_c, Zt_c)                     (losses/: the same per-token
-    ce_c = response CE(Zs_c), teacher CE(Zt_c) in evaluation  statistics, MAX / SUM all-reduces)
+    ce_c = response CE(Zs_c) (Megatron's, kd_ratio < 1)       statistics, MAX / SUM all-reduces)
     loss_c = sum_t mask[t] (kd_ratio kd[t] + (1 - kd_ratio) ce[t])
     G_c = d loss_c / d Zs_c                                  (the losses' own backward)
     dHs_c = G_c Ws,  dWs += G_c^T Hs_c                       (fp32 accumulators)
 
 Every statistic is per token, so a chunk of tokens gives exactly the unfused per-token values
 (the losses are called on each chunk as they are on the whole microbatch). Each chunk issues
-the same collectives as today's losses on its rows; the backward issues none of its own.
+the same collectives as today's losses on its rows; the backward issues none of its own. CEs
+that are only logged (the student's at kd_ratio 1, the teacher's in evaluation) accumulate
+local statistics per chunk (``losses.chunked_ce``) and reduce once per call (one MAX, one SUM).
 
 Gradient during the forward (as Liger-Kernel does), not recomputed in the backward: the loss is
 ``sum mask * per_token`` and its only upstream gradient is the schedule's scalar (1, or the fp16
@@ -50,6 +52,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from megatron_csd.losses.chunked_ce import ChunkedCrossEntropy
+from megatron_csd.losses.vocab_shard import describe_shard
+
 CHUNK_BYTES = 1 << 28
 """Budget of one fp32 ``[chunk tokens, V/TP]`` buffer (256 MiB: 524 tokens at V/TP = 128000)."""
 
@@ -81,8 +86,10 @@ def _masked_sum(values, mask):
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
 
 
-def _chunk_losses(zs, zt, labels, mask, spec, evaluating: bool, want_grad: bool):
-    """Per-token losses of one token chunk and ``d sum(mask * loss) / d zs`` (or None)."""
+def _chunk_losses(zs, zt, labels, mask, spec, want_grad: bool):
+    """Per-token losses of one token chunk and ``d sum(mask * loss) / d zs`` (or None).
+
+    ``ce`` is None when the CE is only logged (kd_ratio 1): the caller accumulates it."""
     from megatron_csd.losses import distillation_loss
     from megatron_csd.training.objective import response_cross_entropy
 
@@ -101,12 +108,8 @@ def _chunk_losses(zs, zt, labels, mask, spec, evaluating: bool, want_grad: bool)
             ce = per_token = response_cross_entropy(leaf, labels, spec)
         if want_grad:
             (grad,) = torch.autograd.grad(_masked_sum(per_token, mask), leaf)
-    with torch.no_grad():
-        if ce is None:  # logged only
-            ce = response_cross_entropy(leaf.detach(), labels, spec)
-        teacher_ce = response_cross_entropy(zt, labels, spec) if evaluating and spec.distill else None
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    return FusedStats(per_token.detach(), detach(kd), ce.detach(), teacher_ce), grad
+    return FusedStats(per_token.detach(), detach(kd), detach(ce), None), grad
 
 
 def _cat(parts):
@@ -123,6 +126,13 @@ def _run_chunks(hidden, weight, teacher_hidden, teacher_weight, labels, mask, pl
         grad_hidden = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
         if weight.requires_grad:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    spec = plan.spec
+    # Logged CEs (student when kd_ratio is 1, teacher in evaluation): two all-reduces per call.
+    shard = describe_shard(weight.shape[0], spec.tp_group if spec.tp_size > 1 else None, spec.vocab_size)
+    logged_ce = (ChunkedCrossEntropy(num_tokens, shard, hidden.dtype, hidden.device)
+                 if spec.distill and spec.kd_ratio == 1.0 else None)
+    teacher_ce = (ChunkedCrossEntropy(num_tokens, shard, hidden.dtype, hidden.device)
+                  if plan.evaluating and spec.distill else None)
     parts = []
     for start in range(0, num_tokens, plan.chunk_tokens):
         end = min(start + plan.chunk_tokens, num_tokens)
@@ -131,8 +141,11 @@ def _run_chunks(hidden, weight, teacher_hidden, teacher_weight, labels, mask, pl
         zt = None if teacher_hidden is None else torch.matmul(teacher_hidden[start:end], teacher_weight.t())
         if upcast:
             zs, zt = zs.float(), (None if zt is None else zt.float())
-        stats, grad = _chunk_losses(zs, zt, labels[start:end], mask[start:end], plan.spec,
-                                    plan.evaluating, want_grad)
+        stats, grad = _chunk_losses(zs, zt, labels[start:end], mask[start:end], spec, want_grad)
+        if logged_ce is not None:
+            logged_ce.add(start, zs, labels[start:end])
+        if teacher_ce is not None:
+            teacher_ce.add(start, zt, labels[start:end])
         del zs, zt
         parts.append(stats)
         if grad is None:
@@ -151,6 +164,8 @@ def _run_chunks(hidden, weight, teacher_hidden, teacher_weight, labels, mask, pl
                     grad_weight.add_(torch.matmul(grad.t(), rows))
         del grad
     stats = FusedStats(*(_cat([getattr(p, name) for p in parts]) for name in FusedStats._fields))
+    stats = stats._replace(ce=logged_ce.finish() if logged_ce is not None else stats.ce,
+                           teacher_ce=teacher_ce.finish() if teacher_ce is not None else None)
     return stats, grad_hidden, grad_weight
 
 
