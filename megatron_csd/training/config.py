@@ -111,9 +111,14 @@ class LossSection:
     skew: float = field(default=0.1, metadata=_flag("--skew", "skew of skl / srkl"))
     beta: float = field(default=0.5, metadata=_flag("--jsd-beta", "beta of jsd"))
     kd_ratio: float = field(default=1.0, metadata=_flag("--kd-ratio", "weight of the distillation term; 1 - kd_ratio weights CE"))
+    fused_output_loss: bool = field(default=True, metadata=_flag(
+        "--fused-output-loss", "fuse the output layer with the loss over token chunks (no full logits); "
+        "false = the unfused path"))
 
     def __post_init__(self):
         _check_float("loss.kd_ratio", self.kd_ratio, minimum=0.0, maximum=1.0)
+        if not isinstance(self.fused_output_loss, bool):
+            raise TypeError(f"loss.fused_output_loss must be true/false, got {self.fused_output_loss!r}")
 
     def loss_config(self):
         """The validated ``LossConfig`` for ``distillation_loss`` (raises on bad fields)."""

@@ -140,17 +140,23 @@ def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
     the attention layer (``attention_mask=None``).
     """
 
+    from megatron_csd.training.fused_objective import FusedHeads, fused_loss_func
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        lm_batch = "lm_weight" in batch
+        # The LM term's CE needs the student's logits: the fused head capture stays off for it.
+        output = model(batch["tokens"], batch["position_ids"], None, capture_heads=not lm_batch)
         if isinstance(output, tuple):  # last stage: (student_logits, teacher_logits)
             student_logits, teacher_logits = output
         else:
             student_logits, teacher_logits = output, None
-        if "lm_weight" in batch:  # a plain-text microbatch of the optional LM term (lm_term.py)
+        if lm_batch:  # a plain-text microbatch of the optional LM term (lm_term.py)
             from megatron_csd.training.lm_term import lm_loss_func
 
             return student_logits, functools.partial(lm_loss_func, batch, spec, metric_names(spec, evaluating))
+        if isinstance(teacher_logits, FusedHeads):  # fused output layer + loss (fused_loss.py)
+            return student_logits, functools.partial(fused_loss_func, batch, teacher_logits, spec, evaluating)
         return student_logits, functools.partial(loss_func, batch, teacher_logits, spec, evaluating)
 
     return forward_step
