@@ -23,11 +23,11 @@ OBJECTIVES = [("csd", "SS"), ("csd", "TS"), ("fkl", "SS")]
 RTOL = 1e-5
 
 
-def _trainer(workspace, name, tp, pp, sp):
+def _trainer(workspace, name, tp, pp, sp, fused=True):
     from megatron_csd.training.trainer import Trainer
 
     config = tiny_config(workspace, os.path.join(workspace["root"], f"run_{name}"), tp=tp, pp=pp,
-                         parallel={"sequence_parallel": sp},
+                         parallel={"sequence_parallel": sp}, loss={"fused_output_loss": fused},
                          training={"packing": True, "seq_length": PACKED_SEQ})
     return Trainer(config)
 
@@ -74,7 +74,9 @@ def _reference_body(rank, world_size, workspace):
     from megatron_csd.parallel.initialize import destroy_parallel
 
     save_initial_models(workspace)
-    trainer = _trainer(workspace, "tp1", 1, 1, False)
+    _check_layout(_trainer(workspace, "tp1_unfused", 1, 1, False, fused=False), num_checked=3)
+    destroy_parallel()
+    trainer = _trainer(workspace, "tp1", 1, 1, False)  # the fused output layer + loss (default)
     _check_layout(trainer, num_checked=3)
 
     # Isolation: changing sample 0's tokens moves no logit of sample 1 (and the check can fail:
@@ -88,7 +90,8 @@ def _reference_body(rank, world_size, workspace):
 
     def logits(tokens, mask):
         with torch.no_grad():
-            student, teacher = trainer.stage(tokens.unsqueeze(0), row["position_ids"].unsqueeze(0), mask)
+            student, teacher = trainer.stage(tokens.unsqueeze(0), row["position_ids"].unsqueeze(0), mask,
+                                             capture_heads=False)  # logits, also with the fused loss
         return torch.cat([student, teacher], dim=-1)[0]
 
     mask = block_causal_mask(seg.unsqueeze(0))
@@ -151,3 +154,14 @@ def test_packing_exact_per_sample_and_isolated_at_tp1(packing_workspace):
 @pytest.mark.slow
 def test_packing_exact_per_sample_at_tp2_sp_and_pp2(packing_workspace):
     run_distributed(_parallel_body, 2, packing_workspace)
+
+
+def test_packing_refused_with_on_policy_options():
+    from types import SimpleNamespace
+
+    from megatron_csd.training.packing_setup import training_rows
+
+    config = SimpleNamespace(training=SimpleNamespace(packing=True, seed=1),
+                             on_policy=SimpleNamespace(enabled=True))
+    with pytest.raises(ValueError, match="--packing does not combine with the on-policy options"):
+        training_rows(config, dataset=None, writer=None)

@@ -18,6 +18,8 @@ shard with barriers around every run. The V sweep times CSD SS at growing V to s
 
     python tools/bench_loss.py                 # the README table (about 10 minutes on 2 cores)
     python tools/bench_loss.py --quick         # smaller and faster, for a smoke test
+    python tools/bench_loss.py --fused --tokens 8192 --vocab 256000 --tp 2 --json F
+                                               # fused output layer + loss (tools/bench_fused.py)
 """
 from __future__ import annotations
 
@@ -228,6 +230,11 @@ def bench_tp2(tokens, vocab, names, repeats):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--fused" in argv:  # output layer + loss, unfused vs fused: tools/bench_fused.py
+        from bench_fused import main as bench_fused_main
+
+        return bench_fused_main([a for a in argv if a != "--fused"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)

@@ -59,6 +59,8 @@ def _wrapper_class():
             layer = getattr(self.model, "output_layer", None) if self.model.post_process else None
             if layer is not None:
                 original = layer.forward
+                # An instance-level forward (the trainer's fused-head capture) must come back too.
+                own_forward = layer.__dict__.get("forward")
 
                 def shard_forward(hidden, weight=None, runtime_gather_output=None, **kwargs):
                     return original(hidden, weight=weight, runtime_gather_output=False, **kwargs)
@@ -70,7 +72,10 @@ def _wrapper_class():
                                   inference_context=self.inference_context, runtime_gather_output=True)
             finally:
                 if layer is not None:
-                    del layer.forward  # back to the class's forward
+                    if own_forward is not None:
+                        layer.forward = own_forward
+                    else:
+                        del layer.forward  # back to the class's forward
 
     return VocabParallelGPTInferenceWrapper
 

@@ -13,6 +13,7 @@
       data          : DataConfig      train / valid JSONL and tokenizer
       checkpoint    : CheckpointConfig save dir / interval, load dir
       logging       : LoggingConfig   output dir, log interval, TensorBoard
+      on_policy     : OnPolicyConfig  student/teacher-generated responses (on_policy_config.py)
       eval_generate : EvalGenerateConfig  sampled-answer evaluation every N steps (eval_generate_config.py)
 
 Every field is a plain JSON/YAML value, so ``asdict(config)`` is the resolved config that is
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_csd.training.eval_generate_config import EvalGenerateConfig
+from megatron_csd.training.on_policy_config import OnPolicyConfig
 
 MODES = ("distill", "sft")
 DEVICES = ("cpu", "cuda", "auto")
@@ -109,9 +111,14 @@ class LossSection:
     skew: float = field(default=0.1, metadata=_flag("--skew", "skew of skl / srkl"))
     beta: float = field(default=0.5, metadata=_flag("--jsd-beta", "beta of jsd"))
     kd_ratio: float = field(default=1.0, metadata=_flag("--kd-ratio", "weight of the distillation term; 1 - kd_ratio weights CE"))
+    fused_output_loss: bool = field(default=True, metadata=_flag(
+        "--fused-output-loss", "fuse the output layer with the loss over token chunks (no full logits); "
+        "false = the unfused path"))
 
     def __post_init__(self):
         _check_float("loss.kd_ratio", self.kd_ratio, minimum=0.0, maximum=1.0)
+        if not isinstance(self.fused_output_loss, bool):
+            raise TypeError(f"loss.fused_output_loss must be true/false, got {self.fused_output_loss!r}")
 
     def loss_config(self):
         """The validated ``LossConfig`` for ``distillation_loss`` (raises on bad fields)."""
@@ -244,7 +251,8 @@ class LoggingConfig:
 SECTION_TYPES = {
     "student": ModelRef, "teacher": ModelRef, "loss": LossSection, "parallel": ParallelConfig,
     "optimizer": OptimizerConfig, "training": TrainingConfig, "data": DataConfig,
-    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval_generate": EvalGenerateConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "on_policy": OnPolicyConfig,
+    "eval_generate": EvalGenerateConfig,
 }
 
 
@@ -263,6 +271,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     eval_generate: EvalGenerateConfig = field(default_factory=EvalGenerateConfig)
 
     def __post_init__(self):
@@ -289,6 +298,7 @@ class TrainConfig:
                                  f"{self.teacher.describe()}; remove it or use mode 'distill'")
             if self.fp8_teacher is not None:
                 raise ValueError("fp8_teacher is set but mode 'sft' has no teacher")
+        self.on_policy.check_mode(self.mode)
         if self.data.train_path is None:
             raise ValueError("data.train_path (--train-data) is required")
         if self.data.tokenizer is None:

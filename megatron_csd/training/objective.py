@@ -143,14 +143,24 @@ def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
     (megatron_csd.models.packed_attention).
     """
     from megatron_csd.models.packed_attention import packed_forward_kwargs
+    from megatron_csd.training.fused_objective import FusedHeads, fused_loss_func
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], **packed_forward_kwargs(batch, model))
+        lm_batch = "lm_weight" in batch
+        # The LM term's CE needs the student's logits: the fused head capture stays off for it.
+        output = model(batch["tokens"], batch["position_ids"], capture_heads=not lm_batch,
+                       **packed_forward_kwargs(batch, model))
         if isinstance(output, tuple):  # last stage: (student_logits, teacher_logits)
             student_logits, teacher_logits = output
         else:
             student_logits, teacher_logits = output, None
+        if lm_batch:  # a plain-text microbatch of the optional LM term (lm_term.py)
+            from megatron_csd.training.lm_term import lm_loss_func
+
+            return student_logits, functools.partial(lm_loss_func, batch, spec, metric_names(spec, evaluating))
+        if isinstance(teacher_logits, FusedHeads):  # fused output layer + loss (fused_loss.py)
+            return student_logits, functools.partial(fused_loss_func, batch, teacher_logits, spec, evaluating)
         return student_logits, functools.partial(loss_func, batch, teacher_logits, spec, evaluating)
 
     return forward_step

@@ -14,6 +14,9 @@ def training_rows(config: TrainConfig, dataset, writer):
     """``dataset`` itself, or its packed bins (printing the padding report) when packing is on."""
     if not config.training.packing:
         return dataset
+    if config.on_policy.enabled:
+        raise ValueError("--packing does not combine with the on-policy options yet (they replace "
+                         "responses of single-sample rows): drop --packing or the on_policy options")
     from megatron_csd.data import PackedDataset
 
     rows = PackedDataset(dataset, seed=config.training.seed)

@@ -8,7 +8,9 @@ Megatron-Bridge). Between stages the two hidden states travel as ONE p2p tensor,
   teacher half is detached, so the gradient sent back upstream is ``[grad_student | 0]``;
 - ``forward`` runs the teacher under ``no_grad`` then the student; a middle stage returns the
   concatenation, the last stage returns ``(student_logits, teacher_logits)`` (both
-  ``[b, s, V_padded / TP]``, vocab-parallel) for the loss function.
+  ``[b, s, V_padded / TP]``, vocab-parallel) for the loss function; with
+  ``fused_output_loss`` it returns ``(placeholder, FusedHeads)``: the models' final hidden
+  states and output weights, for the fused output-layer loss (training/fused_loss.py).
 
 The teacher is held outside the module tree (``_frozen`` list), so ``parameters()``,
 ``state_dict()``, Megatron DDP and the optimizer see the student only; the teacher has no
@@ -24,6 +26,8 @@ synchronise); on CPU it is wall time.
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from typing import Optional
 
@@ -34,7 +38,8 @@ class DistillationStage(torch.nn.Module):
     """Student GPTModel (``self.module``) with an optional frozen teacher on the same stage."""
 
     def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module], *,
-                 student_hidden: int, teacher_hidden: int, post_process: bool, timed: bool = False):
+                 student_hidden: int, teacher_hidden: int, post_process: bool, timed: bool = False,
+                 fused_output_loss: bool = False):
         super().__init__()
         self.module = student  # the name Megatron's get_attr_wrapped_model unwraps through
         self._frozen = [teacher] if teacher is not None else []
@@ -48,6 +53,23 @@ class DistillationStage(torch.nn.Module):
             if any(p.requires_grad for p in teacher.parameters()):
                 raise ValueError("the teacher must be frozen (freeze_teacher) before it joins a stage")
             teacher.eval()
+        # Fused output layer + loss (training/fused_loss.py): the last stage returns the models'
+        # final hidden states and output weights (FusedHeads) instead of their logits.
+        self._captures = None
+        if fused_output_loss and post_process:
+            from megatron_csd.models.output_capture import OutputCapture
+
+            self._captures = [OutputCapture(student)] + ([OutputCapture(teacher)] if teacher is not None else [])
+
+    @property
+    def fused(self) -> bool:
+        return self._captures is not None
+
+    def _fused_output(self, student_out):
+        from megatron_csd.training.fused_objective import FusedHeads
+
+        heads = [capture.take() for capture in self._captures]
+        return student_out, FusedHeads(heads[0], heads[1] if len(heads) > 1 else None)
 
     @property
     def teacher(self) -> Optional[torch.nn.Module]:
@@ -101,11 +123,24 @@ class DistillationStage(torch.nn.Module):
         self.module.set_input_tensor(student_in)
         self.teacher.set_input_tensor(teacher_in.detach())
 
-    def forward(self, input_ids, position_ids, attention_mask=None, packed_seq_params=None):
-        # packed rows: student and teacher get the same mask / THD params (packed_attention.py)
+    def forward(self, input_ids, position_ids, attention_mask=None, capture_heads: bool = True,
+                packed_seq_params=None):
+        """Last stage: logits, or with the fused loss (and ``capture_heads``) FusedHeads.
+
+        Packed rows: student and teacher get the same ``attention_mask`` / THD
+        ``packed_seq_params`` (megatron_csd.models.packed_attention)."""
         extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
+        if not self.fused:
+            return self._forward(input_ids, position_ids, attention_mask, extra, fused=False)
+        with contextlib.ExitStack() as stack:
+            for capture in self._captures:
+                stack.enter_context(capture.active(capture_heads))
+            return self._forward(input_ids, position_ids, attention_mask, extra, fused=capture_heads)
+
+    def _forward(self, input_ids, position_ids, attention_mask, extra, *, fused: bool):
         if self.teacher is None:
-            return self.module(input_ids, position_ids, attention_mask, **extra)
+            student_out = self.module(input_ids, position_ids, attention_mask, **extra)
+            return self._fused_output(student_out) if fused else student_out
         on_cuda = self.timed and self._teacher_on_cuda()
         if on_cuda:
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -120,7 +155,7 @@ class DistillationStage(torch.nn.Module):
             self._teacher_wall_seconds += time.perf_counter() - start
         student_out = self.module(input_ids, position_ids, attention_mask, **extra)
         if self.post_process:
-            return student_out, teacher_out
+            return self._fused_output(student_out) if fused else (student_out, teacher_out)
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
 
     def sharded_state_dict(self, *args, **kwargs):
@@ -134,3 +169,21 @@ def widen_p2p_shapes(extra_hidden: int):
             return [tuple(shape[:-1]) + (shape[-1] + extra_hidden,) for shape in shapes]
         return widen(recv_shapes), widen(send_shapes)
     return adjust
+
+
+def fused_head_supported(student, teacher) -> bool:
+    """Whether the fused output-layer loss can take these models' heads (warns when not).
+
+    True on stages without an output layer (only the last stage uses the switch)."""
+    import warnings
+
+    from megatron_csd.models.output_capture import fused_head_problem
+
+    for role, model in (("student", student), ("teacher", teacher)):
+        if model is None or getattr(model, "output_layer", None) is None:
+            continue
+        problem = fused_head_problem(model)
+        if problem is not None:
+            warnings.warn(f"fused output-layer loss off for this run: the {role}'s {problem}")
+            return False
+    return True

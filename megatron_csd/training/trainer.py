@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_csd.training import console
 from megatron_csd.training.config import TrainConfig, check_world_size
 from megatron_csd.training.guards import DivergenceMonitor, check_finite_metrics, check_finite_parameters
 
@@ -68,7 +69,7 @@ class Trainer:
         from megatron_csd.training.model_setup import build_models, params_dtype_for, plan_models
         from megatron_csd.training.objective import ObjectiveSpec
         from megatron_csd.training.optim import build_optimizer, build_scheduler, wrap_ddp
-        from megatron_csd.training.stage import DistillationStage
+        from megatron_csd.training.stage import DistillationStage, fused_head_supported
 
         self.config = config
         self.device_kind = resolve_device(config.device)
@@ -102,7 +103,8 @@ class Trainer:
         self.stage = DistillationStage(
             student, teacher, student_hidden=self.plan.student.hidden_size,
             teacher_hidden=self.plan.teacher.hidden_size if teacher is not None else 0,
-            post_process=ctx.is_last_stage, timed=True)
+            post_process=ctx.is_last_stage, timed=True,
+            fused_output_loss=config.loss.fused_output_loss and fused_head_supported(student, teacher))
         transformer_config = student.config
         transformer_config.calculate_per_token_loss = True  # read by DDP and the schedules
         use_dist_opt = config.optimizer.use_distributed_optimizer
@@ -140,7 +142,6 @@ class Trainer:
     def _setup_train_iterator(self):
         from megatron_csd.data import BatchIterator, ResumableSampler
         from megatron_csd.training.data_setup import to_device
-
         from megatron_csd.training.packing_setup import training_rows
 
         rows = training_rows(self.config, self.data.train, self.writer)  # packed bins or samples
@@ -148,6 +149,11 @@ class Trainer:
                                    dp_rank=self.ctx.dp_rank, dp_size=self.dp_size)
         self.train_batches = BatchIterator(rows, sampler, self.config.training.micro_batch_size)
         self.train_iterator = to_device(self.train_batches, self.ctx.device)
+        from megatron_csd.training.on_policy import build_on_policy
+
+        self.on_policy = build_on_policy(self)  # None unless an on_policy option is set
+        if self.on_policy is not None:
+            self.train_batches = self.on_policy  # draws through the same sampler; adds its state
 
     def _resume(self, load: str):
         from megatron_csd.training.checkpointing import load_checkpoint, resolve_checkpoint_dir
@@ -210,7 +216,9 @@ class Trainer:
         self.stage.reset_teacher_time()
         self.stage.start_teacher_pass()
         start = time.perf_counter()
-        outputs = self._forward_backward(self.train_iterator, self.num_microbatches, forward_only=False)
+        batches, count = ((self.train_iterator, self.num_microbatches) if self.on_policy is None
+                          else self.on_policy.step_iterator(self.iteration + 1))
+        outputs = self._forward_backward(batches, count, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
@@ -229,6 +237,7 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
         })
+        record.update(self.on_policy.stats if self.on_policy is not None else {})
         if self.stage.teacher is not None:
             # The teacher layers of THIS rank's pipeline stage only (the whole teacher when
             # PP = 1); the logging rank (global rank 0) is on the first stage.
@@ -266,43 +275,14 @@ class Trainer:
         return directory
 
     # ----------------------------------------------------------------- loop
-    def _console_valid(self, record: dict) -> str:
-        parts = [f"[valid] iter {record['iteration']:>5}", f"response CE {record['ce']:.4f}"]
-        if "kd" in record:
-            parts.append(f"distill ({self.config.loss.objective}) {record['kd']:.4f}")
-            parts.append(f"teacher CE {record['teacher_ce']:.4f}")
-        return "  ".join(parts)
-
-    def _summary(self, validation: list) -> None:
-        if len(validation) < 2:
-            return
-        first, last = validation[0], validation[-1]
-        role = "sft model" if self.config.mode == "sft" else "student"  # sft trains e.g. a teacher
-        self.writer.print(f"[megatron_csd] held-out response CE ({role}): {first['ce']:.4f} "
-                          f"(iter {first['iteration']}) -> {last['ce']:.4f} (iter {last['iteration']})")
-        if "kd" in last:
-            loss = self.config.loss
-            name = f"csd {loss.weights}" if loss.objective == "csd" else loss.objective
-            self.writer.print(f"[megatron_csd] held-out distillation loss ({name}): {first['kd']:.4f} -> "
-                              f"{last['kd']:.4f};  teacher's held-out response CE {last['teacher_ce']:.4f}")
-
-    def _console_train(self, record: dict) -> str:
-        parts = [f"iter {record['iteration']:>5}/{self.config.training.train_iters}",
-                 f"loss {record['loss']:.4f}", f"ce {record['ce']:.4f}"]
-        if "kd" in record:
-            parts.append(f"kd {record['kd']:.4f}")
-        parts += [f"lr {record['lr']:.3e}", f"grad_norm {record['grad_norm']:.3f}",
-                  f"{record['tokens_per_s']:.0f} tok/s", f"{record['step_time_s'] * 1e3:.0f} ms"]
-        if "teacher_forward_s" in record:
-            parts.append(f"(teacher fwd {record['teacher_forward_s'] * 1e3:.0f} ms)")
-        return "  ".join(parts)
-
     def _validate(self, result: TrainResult):
         record = self.evaluate()
         if record:
             check_finite_metrics(record, device=self.ctx.device)
             result.validation.append(record)
-            self.writer.log(record, console=self._console_valid(record))
+            self.writer.log(record, console=console.valid_line(record, self.config.loss.objective))
+            if self.on_policy is not None:  # DistiLLM's adaptive schedule watches validation
+                self.on_policy.observe_validation(record)
 
     def run(self) -> TrainResult:
         config = self.config
@@ -317,7 +297,7 @@ class Trainer:
             result.train_losses.append(record["loss"])
             self.divergence.observe(self.iteration, record["loss"])  # a warning, never a stop
             if self.iteration % config.logging.log_interval == 0 or self.iteration == train_iters:
-                self.writer.log({"split": "train", **record}, console=self._console_train(record))
+                self.writer.log({"split": "train", **record}, console=console.train_line(record, train_iters))
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration != train_iters:
                 self._validate(result)
             self.eval_generate.after_step(self.iteration)
@@ -325,7 +305,8 @@ class Trainer:
             if interval and self.iteration % interval == 0:
                 saved_this_run = self.save()
         self._validate(result)
-        self._summary(result.validation)
+        for line in console.summary_lines(result.validation, mode=config.mode, loss=config.loss):
+            self.writer.print(line)
         on_disk = self.checkpoint_on_disk
         current = on_disk[1] if on_disk is not None and on_disk[0] == self.iteration else None
         if config.checkpoint.save_final and current is None:
