@@ -12,10 +12,10 @@ seq_length 512); its prompt is a uniform 20-80% share of it. The same samples ar
 through the same teacher + student (Gemma-style, local layer spec, fp32, TP = PP = 1) with the
 same global batch in tokens (`--global-batch` rows of `--seq-length`, `--micro-batch` rows per
 microbatch). A step is the trainer's per-microbatch work, forward + backward: teacher forward
-(no grad), student forward, CSD SS loss over the response tokens, backward (the optimizer update
-is the same for both and left out). Method: one warm-up step each, then `--steps` rounds that
-alternate padded and packed steps (sharing the machine's conditions); rows are drawn in order
-from each layout's seeded sampler. `response_tokens_per_s` = response tokens in the timed steps
+(no grad), student forward, CSD SS loss over the response tokens (the unfused `loss_func`),
+backward (the optimizer update is the same for both and left out). Method: one warm-up step
+each, then `--steps` rounds that alternate padded and packed steps (sharing the machine's
+conditions); rows are drawn in order from each layout's seeded sampler. `response_tokens_per_s` = response tokens in the timed steps
 / their summed wall time. Padding fractions are over the whole synthetic set.
 
     python tools/bench_packing.py --json packing.json           # the README table
