@@ -296,7 +296,7 @@ def test_import_refuses_non_empty_output_unless_forced(workdir, tmp_path):
         convert_hf_to_megatron(workdir / "hf_gpt2", out)
     assert (out / "keep.txt").exists()
     cfg = convert_hf_to_megatron(workdir / "hf_gpt2", out, force=True)
-    assert not (out / "keep.txt").exists() and load_model_config(out) == cfg
+    assert (out / "keep.txt").read_text() == "user data" and load_model_config(out) == cfg
 
 
 def test_import_failure_mid_write_leaves_no_checkpoint(workdir, tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """Command-line entry point: ``torchrun ... -m megatron_csd.training.cli [--config X.yaml] [flags]``.
 
-Bad configuration exits with status 2 and a one-line message (no stack trace); the resolved
-config, metrics and checkpoints land under ``--output-dir`` / ``--save``.
+Bad configuration exits with status 2 and a one-line message (no stack trace), as do a busy
+output folder, a save dir holding another run and a damaged checkpoint; the resolved config,
+metrics and checkpoints land under ``--output-dir`` / ``--save``. Under torchrun the worker
+exits when torchrun dies (parallel/launcher_guard.py).
 """
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_csd.parallel.launcher_guard import die_with_launcher
+
+    die_with_launcher()  # first: a kill -9 of torchrun must not leave this worker training
     from megatron_csd.training.config_io import parse_config
 
     try:

@@ -66,6 +66,7 @@ class Trainer:
         from megatron_csd.training.model_setup import build_models, params_dtype_for, plan_models
         from megatron_csd.training.objective import ObjectiveSpec
         from megatron_csd.training.optim import build_optimizer, build_scheduler, wrap_ddp
+        from megatron_csd.training.run_guard import guard_run
         from megatron_csd.training.stage import DistillationStage
 
         self.config = config
@@ -85,6 +86,10 @@ class Trainer:
 
             enable_cpu_grad_clipping()
         ctx = self.ctx
+        self.start = guard_run(config, ctx)  # lock; resume, refuse or overwrite (run_guard.py)
+        self.config = config = self.start.config
+        if self.start.finished is not None:
+            return  # run() reports the finished run; there is nothing to build
         self.writer = MetricsWriter(config.logging.output_dir, enabled=ctx.is_logging_rank,
                                     tensorboard=config.logging.tensorboard,
                                     quiet=config.logging.quiet,
@@ -290,6 +295,8 @@ class Trainer:
             self.writer.log(record, console=self._console_valid(record))
 
     def run(self) -> TrainResult:
+        if self.start.finished is not None:
+            return self.start.finished_result()
         config = self.config
         result = TrainResult(output_dir=config.logging.output_dir)
         train_iters = config.training.train_iters
@@ -323,9 +330,14 @@ class Trainer:
             self.writer.print(f"[megatron_csd] checkpoint: {last_saved}")
         self.writer.print(f"[megatron_csd] metrics:    {self.writer.path}")
         self.writer.close()
+        self.start.release()
         return result
 
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Build everything for this rank and train; every rank of the world must call it."""
-    return Trainer(config).run()
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        trainer.start.release()  # also on failure: the next run in this process may lock
