@@ -152,7 +152,8 @@ class Trainer:
 
         directory = resolve_checkpoint_dir(load)
         state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
-                                optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
+                                optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx,
+                                verify=not self.config.checkpoint.no_verify_checkpoint)
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
         if self._is_latest_of_save_dir(directory):

@@ -15,10 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def sft_config(workspace: dict, output_dir: str, *, train_iters: int = 2, save_interval: int = 1,
-               **checkpoint):
+               global_batch_size: int = 1, **checkpoint):
     """A 1-sequence-per-step SFT run saving every ``save_interval`` steps under output_dir."""
     return tiny_config(workspace, output_dir, mode="sft", train_iters=train_iters,
-                       global_batch_size=1, micro_batch_size=1,
+                       global_batch_size=global_batch_size, micro_batch_size=1,
                        student={"checkpoint": None, "preset": "tiny-gemma",
                                 "overrides": dict(STUDENT_OVERRIDES)},
                        training={"eval_samples": 1, "eval_at_start": False},
@@ -34,7 +34,7 @@ def cli_args(workspace: dict, output_dir: str, *, train_iters: int = 2, save_int
              "--seq-length", "32", "--eval-samples", "1", "--lr", "3e-3", "--lr-warmup-iters", "1",
              "--train-data", workspace["train"], "--valid-data", workspace["valid"],
              "--tokenizer", workspace["tokenizer"], "--output-dir", output_dir,
-             "--save-interval", str(save_interval), "--quiet"]
+             "--save-interval", str(save_interval), "--eval-at-start", "false", "--quiet"]
     return args
 
 
