@@ -7,7 +7,8 @@ Writers (trainer checkpoints, converter outputs) call :func:`write_manifest` on 
 temporary folder right before it is published (renamed into place), so a published folder
 always carries its manifest. :func:`verify_manifest` first compares every listed file's size
 (cheap: catches missing and truncated files), then streams each file through ``zlib.crc32``
-in 4 MiB blocks (catches bytes changed with the size intact, e.g. a zeroed block). Files
+in 4 MiB blocks, several files at once on a few threads (catches bytes changed with the
+size intact, e.g. a zeroed block). Files
 present but not listed (a user's notes) are ignored. A folder without a manifest (written
 before manifests existed) is loadable; the caller prints a one-line notice.
 
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -28,6 +30,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "megatron_csd-manifest"
 FORMAT_VERSION = 1
 BLOCK_BYTES = 4 * 1024 * 1024
+_MAX_THREADS = 8  # files checksummed at once (one shard per rank: many files on big runs)
 OPT_OUT_FLAG = "--no-verify-checkpoint"
 # Folders of a trainer checkpoint that a model-only load (teacher, student, export) never reads.
 TRAINING_STATE_PREFIXES = ("optimizer/", "rng/")
@@ -51,6 +54,14 @@ def file_crc32(path: PathLike) -> str:
     return f"{crc & 0xFFFFFFFF:08x}"
 
 
+def _crc_all(paths: list) -> list:
+    """file_crc32 of each path, over a few threads (zlib releases the GIL on large blocks)."""
+    if len(paths) < 2:
+        return [file_crc32(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(_MAX_THREADS, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(file_crc32, paths))
+
+
 def _listed_files(directory: Path) -> list[str]:
     names = []
     for root, dirs, files in os.walk(directory):
@@ -65,10 +76,10 @@ def _listed_files(directory: Path) -> list[str]:
 def write_manifest(directory: PathLike) -> dict:
     """Checksum every file under ``directory`` into ``directory/manifest.json`` (atomically)."""
     directory = Path(directory)
-    files = {}
-    for relative in _listed_files(directory):
-        path = directory / relative
-        files[relative] = {"size": path.stat().st_size, "crc32": file_crc32(path)}
+    names = _listed_files(directory)
+    crcs = _crc_all([directory / name for name in names])
+    files = {name: {"size": (directory / name).stat().st_size, "crc32": crc}
+             for name, crc in zip(names, crcs)}
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "algorithm": "crc32", "files": files}
     tmp = directory / (MANIFEST_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -124,11 +135,11 @@ def verify_manifest(directory: PathLike, *, skip: Sequence[str] = ()) -> Optiona
         if size != entry["size"]:
             kind = "truncated" if size < entry["size"] else "longer than saved"
             raise _damaged(path, f"is {kind}: {size} bytes, the manifest says {entry['size']}")
-    for name, entry in files.items():
-        crc = file_crc32(directory / name)
-        if crc != entry["crc32"]:
+    names = list(files)
+    for name, crc in zip(names, _crc_all([directory / name for name in names])):
+        if crc != files[name]["crc32"]:
             raise _damaged(directory / name, f"changed since it was saved (crc32 {crc}, the "
-                                             f"manifest says {entry['crc32']})")
+                                             f"manifest says {files[name]['crc32']})")
     return None
 
 
