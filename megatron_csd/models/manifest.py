@@ -12,9 +12,10 @@ size intact, e.g. a zeroed block). Files
 present but not listed (a user's notes) are ignored. A folder without a manifest (written
 before manifests existed) is loadable; the caller prints a one-line notice.
 
-:func:`verify_checkpoint` is the collective form: global rank 0 checks (checkpoints live on a
-filesystem every rank sees, as the atomic rename already assumes) and broadcasts the outcome
-with ``broadcast_object_list``, so every rank raises the same one-line error together.
+:func:`verify_checkpoint` is the collective form (checkpoints live on a filesystem every rank
+sees, as the atomic rename already assumes): each rank checks every size and checksums its
+1/world share of the files, the outcomes are exchanged with ``all_gather_object``, and every
+rank raises the same one-line error together.
 """
 from __future__ import annotations
 
@@ -114,9 +115,12 @@ def _damaged(path: Path, what: str) -> CheckpointDamagedError:
     return CheckpointDamagedError(f"checkpoint file {path} {what}; {_ADVICE}")
 
 
-def verify_manifest(directory: PathLike, *, skip: Sequence[str] = ()) -> Optional[str]:
+def verify_manifest(directory: PathLike, *, skip: Sequence[str] = (),
+                    share: tuple[int, int] = (0, 1)) -> Optional[str]:
     """Check ``directory`` against its manifest; files whose path starts with ``skip`` are not read.
 
+    Every listed file's size is checked; ``share = (index, count)`` checksums only that share
+    of the files (largest first, dealt round-robin), for splitting the reads over ranks.
     Returns None when every file matches, a one-line notice when there is no manifest, and
     raises :class:`CheckpointDamagedError` naming the first bad file otherwise.
     """
@@ -135,7 +139,8 @@ def verify_manifest(directory: PathLike, *, skip: Sequence[str] = ()) -> Optiona
         if size != entry["size"]:
             kind = "truncated" if size < entry["size"] else "longer than saved"
             raise _damaged(path, f"is {kind}: {size} bytes, the manifest says {entry['size']}")
-    names = list(files)
+    index, count = share
+    names = sorted(files, key=lambda name: (-files[name]["size"], name))[index::count]
     for name, crc in zip(names, _crc_all([directory / name for name in names])):
         if crc != files[name]["crc32"]:
             raise _damaged(directory / name, f"changed since it was saved (crc32 {crc}, the "
@@ -144,27 +149,29 @@ def verify_manifest(directory: PathLike, *, skip: Sequence[str] = ()) -> Optiona
 
 
 def verify_checkpoint(directory: PathLike, *, skip: Sequence[str] = (), enabled: bool = True) -> None:
-    """Collective :func:`verify_manifest`: rank 0 checks, every rank raises the same error.
+    """Collective :func:`verify_manifest`: the ranks share the reads, every rank raises the same error.
 
-    Without an initialised process group it runs locally. The no-manifest notice goes to
-    stderr once (rank 0).
+    Every rank checks the sizes and checksums 1/world of the files (``share``); the outcomes
+    are exchanged with ``all_gather_object`` and the first error (lowest rank) is raised on
+    all ranks. Without an initialised process group it runs locally. The no-manifest notice
+    goes to stderr once (rank 0).
     """
     if not enabled:
         return
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
-    checking = not distributed or dist.get_rank() == 0
-    outcome = [None]
-    if checking:
-        try:
-            outcome = [("notice", verify_manifest(directory, skip=skip))]
-        except CheckpointDamagedError as err:
-            outcome = [("error", str(err))]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    try:
+        outcome = ("notice", verify_manifest(directory, skip=skip, share=(rank, world)))
+    except CheckpointDamagedError as err:
+        outcome = ("error", str(err))
+    outcomes = [outcome]
     if distributed:
-        dist.broadcast_object_list(outcome, src=0)
-    kind, text = outcome[0]
-    if kind == "error":
-        raise CheckpointDamagedError(text)
-    if text and checking:
-        print(f"[megatron_csd] note: {text}", file=sys.stderr, flush=True)
+        outcomes = [None] * world
+        dist.all_gather_object(outcomes, outcome)
+    errors = [text for kind, text in outcomes if kind == "error"]
+    if errors:
+        raise CheckpointDamagedError(errors[0])
+    if outcome[1] and rank == 0:
+        print(f"[megatron_csd] note: {outcome[1]}", file=sys.stderr, flush=True)

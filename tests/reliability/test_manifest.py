@@ -40,14 +40,18 @@ def test_streamed_crc_matches_a_whole_file_crc_and_every_file_is_listed(tmp_path
     assert verify_manifest(directory) is None
 
 
+def _zero_middle(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.seek(size // 2)
+        handle.write(b"\0" * 8192)
+    assert os.path.getsize(path) == size
+
+
 def test_zeroed_8kib_in_the_middle_is_a_clear_error(tmp_path):
     directory = _checkpoint(tmp_path)
     shard = os.path.join(directory, "model", "__0_0.distcp")
-    size = os.path.getsize(shard)
-    with open(shard, "r+b") as handle:
-        handle.seek(size // 2)
-        handle.write(b"\0" * 8192)
-    assert os.path.getsize(shard) == size
+    _zero_middle(shard)
     with pytest.raises(CheckpointDamagedError) as info:
         verify_manifest(directory)
     message = str(info.value)
@@ -76,3 +80,39 @@ def test_no_manifest_is_a_notice_and_foreign_files_are_ignored(tmp_path):
     os.remove(os.path.join(directory, MANIFEST_FILE))
     notice = verify_manifest(directory)
     assert "no manifest.json" in notice and "without verification" in notice
+
+
+def test_shares_split_the_checksums(tmp_path):
+    directory = _checkpoint(tmp_path)
+    _zero_middle(os.path.join(directory, "model", "__0_0.distcp"))
+    outcomes = []
+    for index in (0, 1):
+        try:
+            outcomes.append(verify_manifest(directory, share=(index, 2)))
+        except CheckpointDamagedError:
+            outcomes.append("error")
+    assert outcomes == ["error", None]  # the largest file is in share 0 only
+
+
+def _verify_on_ranks(rank, world_size, directory, out_dir):
+    from megatron_csd.models.manifest import verify_checkpoint
+
+    try:
+        verify_checkpoint(directory)
+        outcome = "ok"
+    except CheckpointDamagedError as err:
+        outcome = str(err)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+        handle.write(outcome)
+
+
+@pytest.mark.slow
+def test_every_rank_raises_the_error_one_rank_found(tmp_path):
+    from tests.spawn import run_distributed
+
+    directory = _checkpoint(tmp_path)
+    shard = os.path.join(directory, "model", "__0_0.distcp")  # checksummed by rank 0 only
+    _zero_middle(shard)
+    run_distributed(_verify_on_ranks, 2, directory, str(tmp_path), timeout=120)
+    texts = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert texts[0] == texts[1] and shard in texts[0] and "changed since it was saved" in texts[0]
