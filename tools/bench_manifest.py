@@ -14,7 +14,6 @@ are upper bounds of the cost, re-measure on an idle one.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess

@@ -31,7 +31,8 @@ def cli_args(workspace: dict, output_dir: str, *, train_iters: int = 2, save_int
     args = ["--mode", "sft", "--device", "cpu", "--precision", "fp32", "--student-preset", "tiny-gemma"]
     for key, value in STUDENT_OVERRIDES.items():
         args += ["--student-override", f"{key}={value}"]
-    args += ["--train-iters", str(train_iters), "--global-batch-size", str(global_batch_size), "--micro-batch-size", "1",
+    args += ["--train-iters", str(train_iters), "--global-batch-size", str(global_batch_size),
+             "--micro-batch-size", "1",
              "--seq-length", "32", "--eval-samples", "1", "--lr", "3e-3", "--lr-warmup-iters", "1",
              "--train-data", workspace["train"], "--valid-data", workspace["valid"],
              "--tokenizer", workspace["tokenizer"], "--output-dir", output_dir,
