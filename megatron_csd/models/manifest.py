@@ -127,8 +127,8 @@ def verify_manifest(directory: PathLike, *, skip: Sequence[str] = (),
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest is None:
-        return (f"{directory} has no {MANIFEST_FILE} (saved before checkpoints carried one): "
-                "loading it without verification")
+        return (f"{directory} has no {MANIFEST_FILE} (saved before checkpoints carried one, or "
+                "not by the trainer or a converter): loading it without verification")
     files = {name: entry for name, entry in manifest["files"].items()
              if not any(name.startswith(prefix) for prefix in skip)}
     for name, entry in files.items():  # sizes first: missing or truncated files fail fast
