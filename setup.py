@@ -9,8 +9,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_csd", "megatron_csd.*"]),
-    # Install torch first (`pip install torch==2.13.0` on CPU machines) so that pip does not
-    # resolve a multi-GB CUDA build; any torch >= 2.4 satisfies this range.
+    # Install torch first (README Quickstart): on a CPU-only machine from PyTorch's CPU index
+    # (`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`), since the
+    # public PyPI torch is a CUDA build on x86-64 Linux; on GPUs a CUDA build (e.g. the NGC
+    # PyTorch container's). Any torch >= 2.4 satisfies this range.
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
@@ -19,9 +21,12 @@ setup(
         "pyyaml",
         "psutil",  # dist_checkpointing's filesystem writer needs it
         "numpy",
+        "rouge-score",  # megatron_csd.evaluation: ROUGE-L as MiniLLM / DistiLLM report it
+        "sacrebleu",    # megatron_csd.evaluation: self-BLEU
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "tokenizers"],
+        # tools/check_conversion.py and loading exported folders (model and tokenizer.json).
         "hf": ["transformers>=4.40", "tokenizers"],
         # Transformer Engine is GPU-only; never install it on a CPU machine (see README).
         "gpu": ["transformer-engine[pytorch]"],

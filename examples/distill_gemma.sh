@@ -11,12 +11,19 @@
 # `python -m megatron_csd.training.cli --help` for all flags).
 #
 # The embedded default (no TEACHER on a machine without CUDA) is a complete, real distillation
-# on 2 CPU cores in about 3 minutes:
+# on 2 CPU cores (a few minutes; the measured time, with the machine and its load, is in the
+# README's "The embedded default" section):
 #   1. toy instruction data + a sentencepiece tokenizer (megatron_csd.data.toy), prepared once;
 #   2. SFT of a tiny Gemma-architecture teacher (4 layers, hidden 128) on it (2 ranks, DP=2);
 #   3. CSD distillation (TS weights, the paper's Gemma setting) of that teacher into a smaller
 #      random-init Gemma student (2 layers, hidden 64) at TP=2 on gloo, printing the student's held-out response CE and
 #      distillation loss before and after, and where the checkpoint and metrics went.
+# Running it again re-uses the data and teacher stages that finished with the same settings
+# (each stage's dir holds a .stage_complete marker with them) and distils into a new student
+# dir (distill_run2, ...); it never deletes anything.
+#
+# The variables below are this script's defaults, meant for a real (GPU) run; they are passed to
+# the trainer explicitly, so they win over the trainer's own `--help` defaults where those differ.
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -78,7 +85,7 @@ LOG_INTERVAL="${LOG_INTERVAL:-10}"
 TENSORBOARD="${TENSORBOARD:-0}"
 
 # ---- embedded default (no TEACHER, no GPU) -------------------------------------------------
-EMBEDDED_DIR="${EMBEDDED_DIR:-runs/embedded_default}"  # made (and re-made) by the script only
+EMBEDDED_DIR="${EMBEDDED_DIR:-runs/embedded_default}"  # made by the script; re-runs add to it, never delete
 EMBEDDED_TEACHER_ITERS="${EMBEDDED_TEACHER_ITERS:-200}"
 EMBEDDED_STUDENT_ITERS="${EMBEDDED_STUDENT_ITERS:-160}"
 EMBEDDED_NUM_TRAIN="${EMBEDDED_NUM_TRAIN:-4000}"
@@ -98,57 +105,111 @@ launch() {  # launch NPROC trainer-args...
 }
 
 EMBEDDED_MARKER=".megatron_csd_embedded_default"
+STAGE_MARKER=".stage_complete"  # written last in a stage's dir: the settings it finished with
 
-prepare_embedded_dir() {  # a fresh, empty work dir; deletes only a dir this script made earlier
+prepare_embedded_dir() {  # new, empty, or made by this script earlier; nothing in it is deleted
   local work="$1"
-  if [[ -e "${work}" ]]; then
-    if [[ -f "${work}/${EMBEDDED_MARKER}" ]]; then
-      rm -rf "${work}"
-    elif [[ -d "${work}" && -z "$(ls -A "${work}")" ]]; then
-      rmdir "${work}"
-    else
-      echo "distill_gemma.sh: EMBEDDED_DIR=${work} exists and was not made by this script" \
-           "(no ${EMBEDDED_MARKER} in it); not deleting it. Remove it or choose another EMBEDDED_DIR." >&2
-      exit 2
-    fi
+  if [[ -e "${work}" && ! -f "${work}/${EMBEDDED_MARKER}" ]] \
+     && [[ ! -d "${work}" || -n "$(ls -A "${work}")" ]]; then
+    echo "distill_gemma.sh: EMBEDDED_DIR=${work} exists and was not made by this script" \
+         "(no ${EMBEDDED_MARKER} in it); not using it. Choose another EMBEDDED_DIR." >&2
+    exit 2
   fi
   mkdir -p "${work}"
-  : > "${work}/${EMBEDDED_MARKER}"
+  touch "${work}/${EMBEDDED_MARKER}"
+}
+
+data_outputs_ok() {
+  local d="$1"
+  [[ -f "${d}/tokenizer.model" && -f "${d}/train.jsonl" && -f "${d}/valid.jsonl" \
+     && -f "${d}/prepared/prepare.json" && -d "${d}/prepared/train" && -d "${d}/prepared/valid" ]]
+}
+teacher_outputs_ok() {
+  local d="$1"
+  [[ -f "${d}/checkpoints/latest" ]] && [[ -f "${d}/checkpoints/$(cat "${d}/checkpoints/latest")/model_config.json" ]]
+}
+
+# pick_stage_dir BASE FINGERPRINT CHECK: prints "reuse DIR" for the first of BASE, BASE_run2, ...
+# that finished with exactly FINGERPRINT and whose outputs pass CHECK, else "new DIR" for the
+# first that does not exist. CHECK "none": never re-use. Existing dirs are never touched.
+pick_stage_dir() {
+  local base="$1" fingerprint="$2" check="$3" dir n
+  for ((n = 1; n < 1000; n++)); do
+    dir="${base}"
+    (( n > 1 )) && dir="${base}_run${n}"
+    if [[ ! -e "${dir}" ]]; then echo "new ${dir}"; return 0; fi
+    if [[ "${check}" != none && -f "${dir}/${STAGE_MARKER}" ]] \
+       && [[ "$(cat "${dir}/${STAGE_MARKER}")" == "${fingerprint}" ]] && "${check}" "${dir}"; then
+      echo "reuse ${dir}"; return 0
+    fi
+  done
+  echo "distill_gemma.sh: no free directory name after ${base}_run999" >&2
+  exit 2
+}
+
+announce_stage() {  # announce_stage WHAT "reuse|new" DIR BASE
+  if [[ "$2" == reuse ]]; then
+    echo "== $1: re-using ${3} (finished earlier with the same settings)"
+  elif [[ "$3" != "$4" ]]; then
+    echo "== $1: writing ${3} (new directory; ${4} and the other earlier runs are kept as they are)"
+  else
+    echo "== $1: writing ${3}"
+  fi
 }
 
 embedded_default() {
-  local work="${EMBEDDED_DIR}" start=${SECONDS}
+  local work="${EMBEDDED_DIR}" start=${SECONDS} code pick how data teacher_dir student_dir
   echo "== megatron_csd embedded default: toy data -> SFT teacher -> CSD distillation at TP=2 (CPU, gloo)"
-  echo "== working directory: ${work}"
+  echo "== working directory: ${work} (completed stages with the same settings are re-used; nothing is deleted)"
   prepare_embedded_dir "${work}"
-  "${PYTHON}" -m megatron_csd.data.toy --out "${work}/data" --num-train "${EMBEDDED_NUM_TRAIN}" --num-valid 400
-  "${PYTHON}" "${REPO_DIR}/tools/prepare_data.py" --input "${work}/data/train.jsonl" \
-    --valid-input "${work}/data/valid.jsonl" --tokenizer "${work}/data/tokenizer.model" \
-    --out "${work}/data/prepared" --seq-length 80 --template dolly --quiet
-  local common=(--device cpu --precision fp32 --tokenizer "${work}/data/tokenizer.model"
-    --train-data "${work}/data/prepared/train" --valid-data "${work}/data/prepared/valid"
+  # The code a stage ran with: the commit plus a checksum of uncommitted changes to the package.
+  code="$(git -C "${REPO_DIR}" rev-parse HEAD 2>/dev/null || echo unknown)"
+  code="${code} + local changes $(git -C "${REPO_DIR}" diff HEAD -- megatron_csd tools 2>/dev/null | cksum | cut -d' ' -f1)"
+
+  local data_fp="data: code ${code}; toy --num-train ${EMBEDDED_NUM_TRAIN} --num-valid 400; prepare --seq-length 80 --template dolly"
+  pick="$(pick_stage_dir "${work}/data" "${data_fp}" data_outputs_ok)"
+  how="${pick%% *}" data="${pick#* }"
+  announce_stage "data" "${how}" "${data}" "${work}/data"
+  if [[ "${how}" == new ]]; then
+    "${PYTHON}" -m megatron_csd.data.toy --out "${data}" --num-train "${EMBEDDED_NUM_TRAIN}" --num-valid 400
+    "${PYTHON}" "${REPO_DIR}/tools/prepare_data.py" --input "${data}/train.jsonl" \
+      --valid-input "${data}/valid.jsonl" --tokenizer "${data}/tokenizer.model" \
+      --out "${data}/prepared" --seq-length 80 --template dolly --quiet
+    printf '%s\n' "${data_fp}" > "${data}/${STAGE_MARKER}"
+  fi
+  local common=(--device cpu --precision fp32 --tokenizer "${data}/tokenizer.model"
+    --train-data "${data}/prepared/train" --valid-data "${data}/prepared/valid"
     --seq-length 80 --eval-samples "${EMBEDDED_EVAL_SAMPLES}" --log-interval 20 --clip-grad 1.0
     --weight-decay 0.01 --lr-decay-style cosine --seed 1234)
 
+  local teacher_args=("${common[@]}" --mode sft --student-preset tiny-gemma
+    --student-override num_layers=4 --student-override hidden_size=128
+    --student-override ffn_hidden_size=512 --student-override num_attention_heads=4
+    --student-override kv_channels=32 --student-override num_query_groups=1
+    --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_TEACHER_ITERS}"
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((EMBEDDED_TEACHER_ITERS / 10)) --eval-interval 0)
   echo "== step 1/2: SFT of the tiny Gemma teacher (4 layers, hidden 128), DP=2"
-  launch 2 "${common[@]}" --mode sft --student-preset tiny-gemma \
-    --student-override num_layers=4 --student-override hidden_size=128 \
-    --student-override ffn_hidden_size=512 --student-override num_attention_heads=4 \
-    --student-override kv_channels=32 --student-override num_query_groups=1 \
-    --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_TEACHER_ITERS}" \
-    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((EMBEDDED_TEACHER_ITERS / 10)) --eval-interval 0 \
-    --output-dir "${work}/teacher_sft"
+  pick="$(pick_stage_dir "${work}/teacher_sft" "teacher: code ${code}; ${teacher_args[*]}" teacher_outputs_ok)"
+  how="${pick%% *}" teacher_dir="${pick#* }"
+  announce_stage "teacher" "${how}" "${teacher_dir}" "${work}/teacher_sft"
+  if [[ "${how}" == new ]]; then
+    launch 2 "${teacher_args[@]}" --output-dir "${teacher_dir}"
+    printf '%s\n' "teacher: code ${code}; ${teacher_args[*]}" > "${teacher_dir}/${STAGE_MARKER}"
+  fi
   local teacher
-  teacher="${work}/teacher_sft/checkpoints/$(cat "${work}/teacher_sft/checkpoints/latest")"
+  teacher="${teacher_dir}/checkpoints/$(cat "${teacher_dir}/checkpoints/latest")"
 
   echo "== step 2/2: CSD (TS weights) distillation into a smaller Gemma student (2 layers, hidden 64), TP=2"
+  pick="$(pick_stage_dir "${work}/distill" "" none)"
+  student_dir="${pick#* }"
+  announce_stage "student" new "${student_dir}" "${work}/distill"
   launch 2 "${common[@]}" --mode distill --teacher-checkpoint "${teacher}" \
     --student-preset tiny-gemma --tensor-model-parallel-size 2 \
     --objective csd --csd-weights TS --kd-ratio 1.0 \
     --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_STUDENT_ITERS}" \
     --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $((EMBEDDED_STUDENT_ITERS / 10)) --eval-interval 40 \
-    --output-dir "${work}/distill" "$@"
-  echo "== embedded default finished in $((SECONDS - start)) s; teacher: ${teacher}"
+    --output-dir "${student_dir}" "$@"
+  echo "== embedded default finished in $((SECONDS - start)) s; teacher: ${teacher}; student run: ${student_dir}"
 }
 
 if [[ -z "${TEACHER}" && "${MODE}" == "distill" ]]; then

@@ -49,7 +49,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("tree, message", [
     ({"trainng": {}}, "unknown key(s) ['trainng']"),
-    ({"training": {"iters": 3}}, "allowed: ['eval_at_start'"),
+    ({"training": {"iters": 3}}, "allowed: ['divergence_warning_factor', 'eval_at_start'"),
     ({"optimizer": {"lr_decay_style": "exp"}}, "choose one of ['cosine', 'linear', 'constant']"),
     ({"loss": {"objective": "kl"}}, "objective='kl' is unknown"),
     ({"loss": {"kd_ratio": 1.5}}, "kd_ratio must be <= 1.0"),

@@ -6,7 +6,8 @@ per-token KL(p_hf || p_megatron).
     python tools/check_conversion.py --hf-dir gemma-2b --megatron-dir ckpt/gemma-2b
     torchrun --nproc-per-node 2 tools/check_conversion.py --hf-dir ... --megatron-dir ... --tp 2
 
-Uses the GPU when there is one (CPU/gloo otherwise). Exits 1 if --max-diff / --max-kl is exceeded.
+Needs the hf extra (pip install -e '.[hf]': transformers). Uses the GPU when there is one
+(CPU/gloo otherwise). Exits 1 if --max-diff / --max-kl is exceeded.
 """
 import argparse
 import json
@@ -36,11 +37,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify-checkpoint", action="store_true",
                         help="load --megatron-dir without checking its manifest.json (at your own risk)")
     args = parser.parse_args(argv)
-
+    try:
+        import transformers  # noqa: F401  (the reference side of the check)
+    except ImportError:
+        print("error: tools/check_conversion.py needs transformers; install the hf extra: "
+              "pip install -e '.[hf]'", file=sys.stderr)
+        return 2
     import tempfile
 
     import torch
     import torch.distributed as dist
+
+    from megatron_csd.training.warning_filters import install_known_warning_filters
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())  # upstream noise only
 
     from megatron_csd.conversion.verify import check_conversion
 

@@ -30,6 +30,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-kl", type=float, default=None)
     parser.add_argument("--max-rel-loss-diff", type=float, default=None)
     args = parser.parse_args(argv)
+    import torch
+
+    from megatron_csd.training.warning_filters import install_known_warning_filters
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())  # upstream noise only
 
     import torch
     import torch.distributed as dist

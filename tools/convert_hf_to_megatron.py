@@ -29,6 +29,11 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty --out, replacing only files the converter writes")
     args = parser.parse_args(argv)
+    import torch
+
+    from megatron_csd.training.warning_filters import install_known_warning_filters
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())  # upstream noise only
 
     from megatron_csd.conversion.hf_to_megatron import convert_hf_to_megatron
 

@@ -2,9 +2,12 @@
 """Export a megatron_csd model checkpoint (converted, or written by the trainer at any TP/PP)
 to an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads:
 
-    python tools/convert_megatron_to_hf.py --load runs/distill/checkpoint --out gemma-2b-distilled
+    python tools/convert_megatron_to_hf.py --load runs/distill/checkpoints --out gemma-2b-distilled
 
-Vocabulary padding is removed; tokenizer files are copied from --load (or --tokenizer-dir).
+--load takes a trainer save dir (OUTPUT_DIR/checkpoints: its latest iteration), one iter_* folder
+or a converted model checkpoint. Vocabulary padding is removed; tokenizer files are copied from
+--load (or --tokenizer-dir), and a sentencepiece tokenizer.model also gets a tokenizer.json, so
+AutoTokenizer loads the folder with the hf extra (pip install -e '.[hf]').
 """
 import argparse
 import sys
@@ -28,6 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify-checkpoint", action="store_true",
                         help="read --load without checking its manifest.json (at your own risk)")
     args = parser.parse_args(argv)
+    import torch
+
+    from megatron_csd.training.warning_filters import install_known_warning_filters
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())  # upstream noise only
 
     from megatron_csd.conversion.megatron_to_hf import convert_megatron_to_hf
 

@@ -9,6 +9,7 @@ written at any TP/PP.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -51,6 +52,10 @@ def read_regions(checkpoint_dir: PathLike,
     """requests: key -> (offsets, sizes, dtype) of a region of that global tensor."""
     regions = {key: (tuple(offsets), torch.empty(tuple(sizes), dtype=dtype))
                for key, (offsets, sizes, dtype) in requests.items()}
-    dcp_load({}, storage_reader=FileSystemReader(str(checkpoint_dir)),
-             planner=_RegionLoadPlanner(regions), no_dist=True)
+    with warnings.catch_warnings():
+        # DCP warns on every no_dist load that it assumes a single process: what we asked for.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or "
+                                r"uninitialized, assuming the intent is to load in a single process")
+        dcp_load({}, storage_reader=FileSystemReader(str(checkpoint_dir)),
+                 planner=_RegionLoadPlanner(regions), no_dist=True)
     return {key: tensor for key, (_, tensor) in regions.items()}

@@ -9,13 +9,15 @@ stored as hf_config.json by the importer (and carried into trainer checkpoints).
 files (tokenizer.model/.json, tokenizer_config.json with the chat template,
 special_tokens_map.json, ...) come from one folder: `tokenizer_dir` when given (it must hold
 a tokenizer), else the checkpoint; generation_config.json from the checkpoint unless
-`tokenizer_dir` has one. Output appears atomically (temp folder + rename).
+`tokenizer_dir` has one. A sentencepiece tokenizer.model without a tokenizer.json gets one
+(`tokenizer_json`), so `AutoTokenizer` loads the folder without converting anything. Output appears atomically (temp folder + rename).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -80,6 +82,20 @@ class _ShardWriter:
             weight_map.update({name: final for name in names})
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+
+
+def _add_tokenizer_json(folder: Path) -> None:
+    """tokenizer.json beside a sentencepiece tokenizer.model, so transformers loads it as is."""
+    try:
+        from megatron_csd.conversion.tokenizer_json import write_tokenizer_json
+
+        reason = write_tokenizer_json(folder / "tokenizer.model", folder)
+    except ImportError as err:  # `tokenizers` comes with the hf extra
+        reason = f"{err.name or err} is not installed (pip install -e '.[hf]')"
+    if reason is not None:
+        warnings.warn(f"tokenizer.json not written ({reason}); transformers will convert "
+                      "tokenizer.model itself when loading, which needs `pip install protobuf`",
+                      stacklevel=3)
 
 
 def check_tokenizer_dir(tokenizer_dir: PathLike) -> Path:
@@ -176,4 +192,6 @@ def convert_megatron_to_hf(load_dir: PathLike, out_dir: PathLike, *, dtype: Opti
         copy_side_files(tokenizer_dir or load_dir, tmp, TOKENIZER_FILES + ("generation_config.json",))
         if tokenizer_dir is not None and not (tmp / "generation_config.json").is_file():
             copy_side_files(load_dir, tmp, ("generation_config.json",))
+        if (tmp / "tokenizer.model").is_file() and not (tmp / "tokenizer.json").is_file():
+            _add_tokenizer_json(tmp)
     return hf_config

@@ -43,7 +43,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     config: a `LossConfig` (objective and its knobs).
     vocab_size: the real vocabulary size; columns at or past it (Megatron's padding) are ignored.
         Defaults to all columns. Columns that are -inf in either input are ignored likewise; a
-        token with no usable column gets loss 0 and gradient 0.
+        token with no usable column gets loss 0 and gradient 0. NaN or +inf in any real column of
+        either input is invalid: that token's loss is NaN, on every rank of `tp_group`, and so is
+        its gradient row (whatever the upstream gradient); other tokens are unaffected.
 
     Returns fp32 loss (fp64 for fp64 inputs) with the logits' leading shape, unreduced and unmasked (the caller masks and
     normalises). Gradients flow to `student_logits` only; neither input is modified.

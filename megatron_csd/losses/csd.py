@@ -20,6 +20,9 @@ maxima, the moments move to the global frame exactly: e_b scales by exp((max_loc
 and the gap shifts by a per-row constant (which the centred C_r does not see). The shards are then
 combined with the parallel-variance rule (Chan et al.), so no E[d^2] - E[d]^2 cancellation happens.
 
+Invalid input (row_ops): a row with NaN / +inf in either input is left out of the MAX, its moments
+on that rank become NaN before the SUM, so its loss is NaN on every rank, and so is its gradient.
+
 Collectives (tensor-parallel group, whatever the weight pair):
   1. one MAX all-reduce of the stacked per-token maxima [max zs, max zt] ([tokens, 2]);
   2. one SUM all-reduce of the per-rank moments [TP, tokens, 3 * num_bases] (each rank fills its
@@ -39,12 +42,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .row_ops import (ChunkWorkspace, accumulation_dtype, chunk_row_maxima, row_chunks, safe_denominator,
-                      valid_columns)
+from .csd_moments import (SOFTMAX_COLUMN, chunk_factor_weight, combine_shards, factor_moments, row_weight_scales,
+                          to_global_frame)
+from .row_ops import (ChunkWorkspace, accumulation_dtype, chunk_row_maxima, invalid_rows, nan_where_loss_is_nan_,
+                      row_chunks, safe_denominator, valid_columns, zero_empty_rows_)
 from .vocab_shard import VocabShard
 
 _BASE_ORDER = ("S", "T", "U")
-_SOFTMAX_COLUMN = {"S": 0, "T": 1}  # which column of the [max zs, max zt] maxima shifts each base
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class CSDSpec:
     @property
     def stored_base(self) -> Optional[str]:
         """The softmax base whose weights the forward keeps for the backward (None: UU)."""
-        return next((base for base in self.bases if base in _SOFTMAX_COLUMN), None)
+        return next((base for base in self.bases if base in SOFTMAX_COLUMN), None)
 
 
 def _chunk_gap_and_exps(workspace, zs, zt, shifts, bases, temperature, masked_rows, stored=None, stored_out=None):
@@ -155,80 +159,6 @@ def _redo_masked_rows(workspace, zs, zt, spec, width, local_shifts, local, weigh
         weights_store[row_ids, :width] = store.chunk
 
 
-def _to_global_frame(local_moments, base, local_shifts, global_shifts, temperature):
-    """Move one base's [rows, 3] local moments from the local-max frame to the global one, in place.
-
-    e_b scales by exp((max_loc - max) / tau) (S, T; U is unscaled); every gap shifts by
-    offset = (max_loc zs - max zs) - (max_loc zt - max zt), so S_r = Z_r (m_r + offset); C_r only
-    scales. Rows without a valid local column (Z_r = 0) stay 0.
-    """
-    totals, sums, centred = local_moments.unbind(-1)
-    present = totals > 0
-    means = sums / safe_denominator(totals)
-    offset = (local_shifts[:, 0] - global_shifts[:, 0]) - (local_shifts[:, 1] - global_shifts[:, 1])
-    if base in _SOFTMAX_COLUMN:
-        column = _SOFTMAX_COLUMN[base]
-        factor = ((local_shifts[:, column] - global_shifts[:, column]) / temperature).exp()
-        factor = torch.where(present, factor, torch.zeros_like(factor))
-        totals.mul_(factor)
-        centred.mul_(factor)
-    sums.copy_(torch.where(present, totals * (means + torch.where(present, offset, torch.zeros_like(offset))),
-                           torch.zeros_like(sums)))
-
-
-def _combine_shards(per_rank):
-    """Exact parallel-variance combination of per-rank [Z_r, S_r, C_r] slots ([world, rows, 3]).
-
-    Returns (Z, mean, variance) per row: Z = sum Z_r, mean = sum S_r / Z,
-    variance = sum (C_r + Z_r (m_r - mean)^2) / Z.
-    """
-    totals, sums, centred = per_rank.unbind(-1)
-    total = totals.sum(0)
-    mean = sums.sum(0) / safe_denominator(total)
-    rank_means = sums / safe_denominator(totals)
-    spread = (centred + totals * (rank_means - mean) ** 2).sum(0)
-    return total, mean, spread / safe_denominator(total)
-
-
-def _factor_moments(factor, moments, mix):
-    """(mean, variance) of the gap under a normalised weight factor; M by the mixture rule."""
-    if factor == "M":
-        mean_t, var_t = _factor_moments("T", moments, mix)
-        mean_s, var_s = _factor_moments("S", moments, mix)
-        mean = mix * mean_t + (1 - mix) * mean_s
-        variance = mix * (var_t + (mean_t - mean) ** 2) + (1 - mix) * (var_s + (mean_s - mean) ** 2)
-        return mean, variance
-    _, mean, variance = moments[factor]
-    return mean, variance
-
-
-def _row_weight_scales(bases, totals, local_shifts, global_shifts, local_present, temperature, mix):
-    """Per-row factors r_b with w_b = e_b(local frame) * r_b, and the M mixture coefficients."""
-    scales = {}
-    for slot, base in enumerate(bases):
-        inverse_total = 1.0 / safe_denominator(totals[:, slot])
-        if base in _SOFTMAX_COLUMN:
-            column = _SOFTMAX_COLUMN[base]
-            inverse_total = inverse_total * ((local_shifts[:, column] - global_shifts[:, column]) / temperature).exp()
-        scales[base] = torch.where(local_present, inverse_total, torch.zeros_like(inverse_total))
-    if "S" in scales and "T" in scales:
-        scales["M"] = (scales["T"] * mix, scales["S"] * (1 - mix))
-    return scales
-
-
-def _chunk_factor_weight(factor, exps, scales, start, end):
-    """Normalised weight of a factor on a row chunk as (tensor or None meaning 1, per-row scale).
-
-    S/T/U return workspace or stored buffers that the caller may overwrite; M allocates.
-    """
-    if factor == "M":
-        share_t, share_s = scales["M"]
-        mixture = exps["T"] * share_t[start:end].unsqueeze(-1)
-        mixture.add_(exps["S"] * share_s[start:end].unsqueeze(-1))
-        return mixture, torch.ones_like(share_t[start:end])
-    return exps[factor], scales[factor][start:end]
-
-
 class _CSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, spec: CSDSpec, shard: VocabShard):
@@ -263,35 +193,37 @@ class _CSDFunction(torch.autograd.Function):
                 masked[start + redo] = True
                 _redo_masked_rows(workspace, zs[start:end][redo], zt[start:end][redo], spec, width,
                                   local_shifts, local, weights_store, start + redo)
-        local_present = local[:, 0] > 0  # rows with a valid column on this shard
+        invalid = invalid_rows(local_shifts)  # NaN / +inf input: kept out of the MAX, poisons the SUM
+        local_present = (local[:, 0] > 0) & ~invalid  # rows with a valid column on this shard
 
         global_shifts = torch.where(local_present.unsqueeze(-1), local_shifts,
                                     torch.full_like(local_shifts, float("-inf")))
         shard.all_reduce_max(global_shifts)
-        empty = global_shifts[:, 0] == float("-inf")  # no valid column anywhere: loss 0, gradient 0
+        empty = global_shifts[:, 0] == float("-inf")  # no valid column anywhere: loss 0 (unless NaN)
         global_shifts.masked_fill_(empty.unsqueeze(-1), 0.0)
         for slot, base in enumerate(bases):
-            _to_global_frame(local[:, 3 * slot:3 * slot + 3], base, local_shifts, global_shifts, spec.temperature)
+            to_global_frame(local[:, 3 * slot:3 * slot + 3], base, local_shifts, global_shifts, spec.temperature)
+        local[invalid] = float("nan")
         shard.all_reduce_sum(per_rank)
-        moments = {base: _combine_shards(per_rank[..., 3 * slot:3 * slot + 3]) for slot, base in enumerate(bases)}
+        moments = {base: combine_shards(per_rank[..., 3 * slot:3 * slot + 3]) for slot, base in enumerate(bases)}
 
         w1, w2 = spec.weights
-        m1, var1 = _factor_moments(w1, moments, spec.mix)
-        m2, var2 = _factor_moments(w2, moments, spec.mix)
-        loss = (var1 + var2 + (m1 - m2) ** 2).mul_(0.5 * spec.scale).masked_fill_(empty, 0.0)
+        m1, var1 = factor_moments(w1, moments, spec.mix)
+        m2, var2 = factor_moments(w2, moments, spec.mix)
+        loss = zero_empty_rows_((var1 + var2 + (m1 - m2) ** 2).mul_(0.5 * spec.scale), empty)
 
         totals = torch.stack([moments[base][0] for base in bases], dim=-1)
         # Means in each row's local frame, so the backward can use d_loc directly.
         offset = (local_shifts[:, 0] - global_shifts[:, 0]) - (local_shifts[:, 1] - global_shifts[:, 1])
         ctx.save_for_backward(student, teacher, local_shifts, global_shifts, masked, local_present & ~empty,
-                              totals, m1 - offset, m2 - offset)
+                              totals, m1 - offset, m2 - offset, loss.isnan())
         ctx.spec, ctx.shard, ctx.weights_store = spec, shard, weights_store
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        student, teacher, local_shifts, global_shifts, masked, present, totals, m1, m2 = ctx.saved_tensors
+        student, teacher, local_shifts, global_shifts, masked, present, totals, m1, m2, loss_is_nan = ctx.saved_tensors
         spec, shard = ctx.spec, ctx.shard
         weights_store, ctx.weights_store = ctx.weights_store, None  # consumed: a second backward recomputes
         rows, width = student.shape[0], shard.valid_width
@@ -303,8 +235,8 @@ class _CSDFunction(torch.autograd.Function):
         if width == 0:
             return grad, None, None, None
         bases, stored = spec.bases, spec.stored_base
-        scales = _row_weight_scales(bases, totals, local_shifts, global_shifts, present, spec.temperature, spec.mix)
-        row_coeff = grad_loss.to(dtype) * spec.scale
+        scales = row_weight_scales(bases, totals, local_shifts, global_shifts, present, spec.temperature, spec.mix)
+        row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) * spec.scale, loss_is_nan)
         w1, w2 = spec.weights
         zs, zt = student[:, :width], teacher[:, :width]
         workspace = ChunkWorkspace(rows, width, dtype, student.device)
@@ -315,7 +247,7 @@ class _CSDFunction(torch.autograd.Function):
                                             bases, spec.temperature, masked_rows, stored, store)
             coeff = row_coeff[start:end].unsqueeze(-1)
             out = grad[start:end, :width] if grad.dtype == dtype else None
-            weight1, scale1 = _chunk_factor_weight(w1, exps, scales, start, end)
+            weight1, scale1 = chunk_factor_weight(w1, exps, scales, start, end)
             if w1 == w2:  # scale * 2 w (d - m)
                 centred = gap.sub_(m1[start:end].unsqueeze(-1))
                 row_factor = (2 * scale1).unsqueeze(-1) * coeff
@@ -325,7 +257,7 @@ class _CSDFunction(torch.autograd.Function):
                     chunk_grad = torch.mul(weight1, centred, out=out if out is not None else weight1)
                     chunk_grad.mul_(row_factor)
             else:  # scale * (w1 (d - m2) + w2 (d - m1))
-                weight2, scale2 = _chunk_factor_weight(w2, exps, scales, start, end)
+                weight2, scale2 = chunk_factor_weight(w2, exps, scales, start, end)
                 first = gap - m2[start:end].unsqueeze(-1)
                 if weight1 is not None:
                     first.mul_(weight1)

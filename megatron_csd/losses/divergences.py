@@ -20,6 +20,8 @@ Passes and collectives (tensor-parallel group): pass 1 streams the logits once f
 maxima and the softmax normalisers in the local-max frame; one MAX all-reduce of [max zs, max zt]
 per token, after which the normalisers are rescaled exactly by exp((max_local - max) / tau); one
 SUM all-reduce of [Z_s, Z_t]; pass 2 computes the terms; one SUM all-reduce of [sum f, sum h].
+A row with NaN / +inf input (row_ops) is left out of the MAX and its [sum f, sum h] becomes NaN
+before the last SUM, so its loss and gradient are NaN on every rank.
 Backward needs no communication: it recomputes p, q and h chunk by chunk. Statistics are fp32
 (fp64 for fp64 logits) whatever the input dtype.
 """
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .row_ops import accumulation_dtype, chunk_row_maxima, finish_maxima, row_chunks, safe_denominator, valid_columns
+from .row_ops import (accumulation_dtype, chunk_row_maxima, finish_maxima, invalid_rows, nan_where_loss_is_nan_,
+                      row_chunks, safe_denominator, valid_columns, zero_empty_rows_)
 from .vocab_shard import VocabShard
 
 KL_FAMILY = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
@@ -124,7 +127,8 @@ class _DivergenceFunction(torch.autograd.Function):
                                             zero_log_norms[start:end], tau, masked_rows)
             norms[start:end, 0] = log_q.exp_().sum(-1)
             norms[start:end, 1] = log_p.exp_().sum(-1)
-        maxima = local_shifts.clone()
+        invalid = invalid_rows(local_shifts)  # NaN / +inf input: kept out of the MAX, poisons the SUM
+        maxima = local_shifts.masked_fill(invalid.unsqueeze(-1), float("-inf"))
         shard.all_reduce_max(maxima)
         empty = finish_maxima(maxima)
         # exp((z - max_loc) / tau) -> exp((z - max) / tau): scale by exp((max_loc - max) / tau) <= 1.
@@ -141,22 +145,23 @@ class _DivergenceFunction(torch.autograd.Function):
             f, h, _ = _terms(spec, log_p, log_q)
             sums[start:end, 0] = _zero_invalid(f, zs[start:end], zt[start:end], masked_rows).sum(-1)
             sums[start:end, 1] = _zero_invalid(h, zs[start:end], zt[start:end], masked_rows).sum(-1)
+        sums[invalid] = float("nan")
         shard.all_reduce_sum(sums)
-        sums.masked_fill_(empty.unsqueeze(-1), 0.0)
+        zero_empty_rows_(sums, empty)
 
-        ctx.save_for_backward(student, teacher, maxima, masked, log_norms, sums[:, 1].clone())
+        ctx.save_for_backward(student, teacher, maxima, masked, log_norms, sums[:, 1].clone(), sums[:, 0].isnan())
         ctx.spec, ctx.shard = spec, shard
         return sums[:, 0].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        student, teacher, maxima, masked, log_norms, h_total = ctx.saved_tensors
+        student, teacher, maxima, masked, log_norms, h_total, loss_is_nan = ctx.saved_tensors
         spec, shard = ctx.spec, ctx.shard
         rows, width = student.shape[0], shard.valid_width
         grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
         zs, zt = student[:, :width], teacher[:, :width]
-        row_coeff = grad_loss.to(maxima.dtype) / spec.temperature
+        row_coeff = nan_where_loss_is_nan_(grad_loss.to(maxima.dtype) / spec.temperature, loss_is_nan)
         for start, end in (row_chunks(rows, width) if width else []):
             masked_rows = masked[start:end].nonzero().squeeze(-1)
             log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], maxima[start:end],

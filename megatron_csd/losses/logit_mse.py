@@ -4,12 +4,15 @@ Raw logits (no temperature, no shift). The mean runs over the real, unmasked voc
 token, so a column that is -inf in either input counts like padding.
 Gradient: dL/dzs[k] = scale * (zs[k] - zt[k]) / |V_valid|.
 Collectives: one SUM all-reduce of [sum d^2, |V_valid|] per token; backward needs none.
+NaN / +inf input (row_ops): the row's sum d^2 becomes NaN before the SUM, so its loss and
+gradient are NaN on every rank.
 """
 from __future__ import annotations
 
 import torch
 
-from .row_ops import accumulation_dtype, local_row_maxima, row_chunks, safe_denominator, valid_columns
+from .row_ops import (accumulation_dtype, invalid_rows, local_row_maxima, nan_where_loss_is_nan_, row_chunks,
+                      safe_denominator, valid_columns)
 from .vocab_shard import VocabShard
 
 
@@ -24,9 +27,10 @@ def _chunk_gap(zs, zt, masked_rows):
     return gap, count
 
 
-def _masked_rows(zs, zt):
-    # Only the masked-row flags are needed here; the maxima come along from the same pass.
-    return local_row_maxima(zs, zt)[1]
+def _masked_and_invalid_rows(zs, zt):
+    # Only the row flags are needed here; the maxima come along from the same pass.
+    maxima, masked = local_row_maxima(zs, zt)
+    return masked, invalid_rows(maxima)
 
 
 class _LogitMSEFunction(torch.autograd.Function):
@@ -34,25 +38,27 @@ class _LogitMSEFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, scale: float, shard: VocabShard):
         rows, width = student.shape[0], shard.valid_width
         zs, zt = student[:, :width], teacher[:, :width]
-        masked = _masked_rows(zs, zt)
+        masked, invalid = _masked_and_invalid_rows(zs, zt)
         sums = torch.zeros(rows, 2, dtype=accumulation_dtype(student.dtype), device=student.device)  # [sum d^2, count]
         for start, end in (row_chunks(rows, width) if width else []):
             gap, count = _chunk_gap(zs[start:end], zt[start:end], masked[start:end].nonzero().squeeze(-1))
             sums[start:end, 0] = torch.bmm(gap.unsqueeze(1), gap.unsqueeze(2)).view(-1)
             sums[start:end, 1] = count
+        sums[invalid, 0] = float("nan")  # +inf would give an inf loss: invalid input is NaN
         shard.all_reduce_sum(sums)
         count = safe_denominator(sums[:, 1])
-        ctx.save_for_backward(student, teacher, masked, count)
+        loss = sums[:, 0] * (0.5 * scale) / count
+        ctx.save_for_backward(student, teacher, masked, count, loss.isnan())
         ctx.scale, ctx.shard = scale, shard
-        return sums[:, 0] * (0.5 * scale) / count
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        student, teacher, masked, count = ctx.saved_tensors
+        student, teacher, masked, count, loss_is_nan = ctx.saved_tensors
         rows, width = student.shape[0], ctx.shard.valid_width
         grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
-        row_coeff = grad_loss.to(count.dtype) * ctx.scale / count
+        row_coeff = nan_where_loss_is_nan_(grad_loss.to(count.dtype) * ctx.scale / count, loss_is_nan)
         zs, zt = student[:, :width], teacher[:, :width]
         for start, end in (row_chunks(rows, width) if width else []):
             gap, _ = _chunk_gap(zs[start:end], zt[start:end], masked[start:end].nonzero().squeeze(-1))

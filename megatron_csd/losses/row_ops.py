@@ -6,8 +6,13 @@ elements, so temporaries stay cache-sized and no `[rows, V]` temporary is ever a
 Masked vocabulary: a column that is -inf in the student or the teacher is excluded exactly like
 padding. Rows that contain such a column ("masked rows") are found from the row minima at no
 extra cost (`torch.aminmax` yields the max the softmaxes need anyway) and only those rows take
-the slower path with an explicit column mask. NaN and +inf are *not* treated as masks: they
-propagate into the loss so that a broken model is visible.
+the slower path with an explicit column mask. NaN and +inf are *not* masks but invalid input:
+a row with a NaN or +inf in any real column of either input ("invalid row") gets a NaN loss and
+a NaN gradient on every tensor-parallel rank. Invalid rows are found for free from the row maxima
+(max reductions propagate NaN, and +inf is its own maximum); each objective then poisons its
+rank's contribution to its last SUM all-reduce with NaN (IEEE sums keep NaN, so every rank sees
+it; NaN is never fed to the MAX all-reduce, whose NaN handling depends on the backend), and the
+backward gives every row whose loss is NaN a NaN gradient (0 * NaN, as dense autograd would).
 """
 from __future__ import annotations
 
@@ -56,10 +61,13 @@ def chunk_row_maxima(zs: torch.Tensor, zt: torch.Tensor, dtype: torch.dtype) -> 
     maxima = torch.stack((zs.amax(-1), zt.amax(-1)), dim=-1).to(dtype)
     rows = ((zs.amin(-1) == float("-inf")) | (zt.amin(-1) == float("-inf"))).nonzero().squeeze(-1)
     if rows.numel():
+        unmasked = maxima[rows]
         valid = valid_columns(zs[rows], zt[rows])
         neg_inf = torch.tensor(float("-inf"), dtype=zs.dtype, device=zs.device)
         maxima[rows, 0] = torch.where(valid, zs[rows], neg_inf).amax(-1).to(dtype)
         maxima[rows, 1] = torch.where(valid, zt[rows], neg_inf).amax(-1).to(dtype)
+        # A NaN / +inf facing a -inf column is still invalid input: keep it in the maxima.
+        maxima[rows] = torch.where(_is_invalid(unmasked), unmasked, maxima[rows])
     return maxima, rows
 
 
@@ -90,6 +98,29 @@ def finish_maxima(maxima: torch.Tensor) -> torch.Tensor:
     empty = maxima[:, 0] == float("-inf")
     maxima.masked_fill_(empty.unsqueeze(-1), 0.0)
     return empty
+
+
+def _is_invalid(values: torch.Tensor) -> torch.Tensor:
+    return values.isnan() | (values == float("inf"))
+
+
+def invalid_rows(maxima: torch.Tensor) -> torch.Tensor:
+    """[rows] bool: rows whose local [rows, 2] maxima (unmasked, before any all-reduce) are NaN or
+    +inf, i.e. rows with a NaN or +inf somewhere in either input. O(rows), no communication."""
+    return _is_invalid(maxima).any(-1)
+
+
+def zero_empty_rows_(values: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Rows with no usable column anywhere get 0, in place, unless they are NaN (invalid input
+    on some rank: a NaN must never become a number)."""
+    mask = empty.view(-1, *([1] * (values.dim() - 1))) & ~values.isnan()
+    return values.masked_fill_(mask, 0.0)
+
+
+def nan_where_loss_is_nan_(row_coeff: torch.Tensor, loss_is_nan: torch.Tensor) -> torch.Tensor:
+    """Backward: the per-row gradient coefficient becomes NaN on rows whose loss is NaN (dense
+    autograd gives upstream * NaN = NaN there, even for a zero upstream gradient)."""
+    return row_coeff.masked_fill_(loss_is_nan, float("nan"))
 
 
 def safe_denominator(total: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,8 @@ def to_transformer_config(cfg: ModelConfig, *, tp_size: int, pp_size: int,
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # [] = the whole layer; Megatron's default spelling of that ("full") is deprecated.
+        cuda_graph_scope=[],
     )
 
 

@@ -10,8 +10,10 @@ architecture that are not numbers:
 | gpt2   | LayerNorm with bias               | GELU (tanh), 4h  | learned absolute | all    | 1               |
 
 The numbers (layers, widths, heads, vocabulary, ...) are the fields below. `vocab_size` is the
-real tokenizer vocabulary; `padded_vocab_size` is the width of the embedding / output layer
-(default: `padded_vocab_size(vocab_size)`, a multiple of 1024 so any TP <= 8 can shard it).
+model's vocabulary: its embedding rows (an HF config's `vocab_size`, which may exceed the
+tokenizer's ids; the losses use all of them); `padded_vocab_size` is the width of the Megatron
+embedding / output layer (default: `padded_vocab_size(vocab_size)`, a multiple of 1024 so any
+TP <= 8 can shard it); only the columns between the two are padding.
 The translation to Megatron's TransformerConfig lives in `models/builder.py` only.
 """
 from __future__ import annotations

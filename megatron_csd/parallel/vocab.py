@@ -5,8 +5,10 @@ contiguous chunks over the tensor-parallel ranks, so the padded vocabulary size 
 multiple of TP. Megatron's own default pads to ``128 * TP``, which ties a checkpoint to the TP
 it was written at. We pad to a fixed multiple instead (default 1024 = 128 * 8), which every
 TP in {1, 2, 4, 8} divides, so a converted teacher or a trained student loads at any of those
-TPs. Columns ``>= vocab_size`` are padding: they hold zero weights and must be ignored by
-every loss statistic (see ``megatron_csd.losses``).
+TPs. ``vocab_size`` is the MODEL's vocabulary (the embedding rows, an HF config's
+``vocab_size``; it may exceed the tokenizer's ids, e.g. Qwen2.5's 151936 rows for ~151665 ids,
+and those extra rows are real columns). Only columns ``>= vocab_size`` are padding: they hold
+zero weights and must be ignored by every loss statistic (see ``megatron_csd.losses``).
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def vocab_shard_range(padded_vocab: int, tp_rank: int, tp_size: int) -> tuple[in
 
 
 def mask_padded_vocab_logits(vocab_parallel_logits, vocab_size: int, *, tp_rank: int, tp_size: int):
-    """Copy of `[..., V_local]` logits with the padded columns (global id >= vocab_size) at -inf.
+    """Copy of `[..., V_local]` logits with Megatron's padded columns (global id >= vocab_size,
+    the model's vocabulary) at -inf; the input itself when this shard has no padded column.
 
     Padded rows of the embedding / output layer are zero, so their logits are 0, not -inf; any
     softmax over the padded vocabulary (cross-entropy included) must mask them first or it

@@ -88,9 +88,28 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, optimizer, scheduler,
-                    sampler_state: dict, ctx, tokenizer_path: Optional[str],
-                    student_source: Optional[str] = None) -> str:
+def save_checkpoint(save_dir: str, iteration: int, **kwargs) -> str:
+    """Write checkpoint ``iteration`` under ``save_dir`` (collective); see ``_save_checkpoint``.
+
+    A write that fails with an OSError (e.g. a full disk) on any rank raises CheckpointSaveError
+    on every rank, naming the path, after removing ``iter_N.tmp`` (training/save_failure.py).
+    """
+    from megatron_csd.training.save_failure import CheckpointSaveError, agree_on_save_failure
+
+    try:
+        return _save_checkpoint(save_dir, iteration, **kwargs)
+    except CheckpointSaveError:  # already agreed on by every rank
+        raise
+    except OSError as err:
+        ctx = kwargs["ctx"]
+        tmp = os.path.join(save_dir, iteration_dir_name(iteration)) + ".tmp"
+        agree_on_save_failure(err, tmp, rank=ctx.rank, device=ctx.device)
+        raise
+
+
+def _save_checkpoint(save_dir: str, iteration: int, *, student, model_config, optimizer, scheduler,
+                     sampler_state: dict, ctx, tokenizer_path: Optional[str],
+                     student_source: Optional[str] = None) -> str:
     """Write checkpoint ``iteration`` under ``save_dir`` (collective: every rank calls it).
 
     ``student_source``: the checkpoint folder the student started from, whose HF side files
@@ -106,6 +125,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
         save_model,
     )
     from megatron_csd.models.manifest import write_manifest
+    from megatron_csd.training.save_failure import agree_on_save_failure
 
     final = os.path.join(save_dir, iteration_dir_name(iteration))
     tmp = final + ".tmp"
@@ -114,7 +134,7 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
             shutil.rmtree(tmp)  # debris of an earlier crash
         os.makedirs(os.path.join(tmp, "optimizer"))
         os.makedirs(os.path.join(tmp, "rng"))
-    dist.barrier()
+    agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)  # the barrier, + failures
     save_model(student, tmp, model_config)
     optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict(),
                                                    metadata=dict(_OPTIMIZER_METADATA))
@@ -136,9 +156,10 @@ def save_checkpoint(save_dir: str, iteration: int, *, student, model_config, opt
                         break
             if os.path.isfile(source):
                 shutil.copy2(source, os.path.join(tmp, os.path.basename(source)))
-    dist.barrier()
+    agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)  # the barrier, + failures
     if ctx.rank == 0:  # every rank's files are complete: checksum them before publishing
-        write_manifest(tmp)
+        write_manifest(tmp)  # an OSError here meets the other ranks in the agreement below
+    agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)
     published = publish_checkpoint(save_dir, tmp, iteration) if ctx.rank == 0 else None
     names = [published]
     dist.broadcast_object_list(names, src=0)
@@ -182,6 +203,9 @@ def publish_checkpoint(save_dir: str, tmp: str, iteration: int) -> str:
 
 def resolve_checkpoint_dir(load: str) -> str:
     """``load`` may be a save dir (its ``latest`` is used) or one ``iter_*`` directory."""
+    from megatron_csd.training.save_failure import reject_unfinished_save
+
+    reject_unfinished_save(load, state_file=STATE_FILE, latest_file=LATEST_FILE)
     if os.path.isfile(os.path.join(load, STATE_FILE)):
         return load
     latest = os.path.join(load, LATEST_FILE)
@@ -257,10 +281,11 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
 
 
 def load_checkpoint(directory: str, *, student, model_config, optimizer, scheduler, ctx,
-                    verify: bool = True) -> ResumeState:
+                    verify: bool = False) -> ResumeState:
     """Restore student weights, optimizer, scheduler and RNG; returns the trainer state.
 
-    ``verify``: check every file against the checkpoint's manifest first (models/manifest.py).
+    ``verify``: check every file against the checkpoint's manifest first (models/manifest.py);
+    the trainer does that earlier, in run_guard.guard_run, before it builds the models.
     """
     from megatron.core import dist_checkpointing
     from megatron_csd.models.checkpoint import load_model, load_model_config

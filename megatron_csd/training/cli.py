@@ -1,9 +1,11 @@
 """Command-line entry point: ``torchrun ... -m megatron_csd.training.cli [--config X.yaml] [flags]``.
 
 Bad configuration exits with status 2 and a one-line message (no stack trace), as do a busy
-output folder, a save dir holding another run and a damaged checkpoint; the resolved config,
-metrics and checkpoints land under ``--output-dir`` / ``--save``. Under torchrun the worker
-exits when torchrun dies (parallel/launcher_guard.py).
+output folder, a save dir holding another run and a damaged checkpoint; a run stopped by a
+non-finite metric or a failed checkpoint write exits with status 1 and one line; the resolved
+config, metrics and checkpoints land under ``--output-dir`` / ``--save``. Known-harmless upstream
+warnings are filtered here (``warning_filters``), not at library import. Under torchrun the
+worker exits when torchrun dies (parallel/launcher_guard.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,14 @@ def main(argv=None) -> int:
     from megatron_csd.parallel.launcher_guard import die_with_launcher
 
     die_with_launcher()  # first: a kill -9 of torchrun must not leave this worker training
+    import torch
+
+    from megatron_csd.training.warning_filters import (
+        announce_missing_gpu_extras,
+        install_known_warning_filters,
+    )
+
+    install_known_warning_filters(cpu_run=not torch.cuda.is_available())
     from megatron_csd.training.config_io import parse_config
 
     try:
@@ -21,6 +31,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as err:
         print(f"megatron_csd: configuration error: {err}", file=sys.stderr)
         return 2
+    announce_missing_gpu_extras()
+    from megatron_csd.training.guards import NonFiniteMetricError
+    from megatron_csd.training.save_failure import CheckpointSaveError
     from megatron_csd.training.trainer import run_training
 
     try:
@@ -30,6 +43,9 @@ def main(argv=None) -> int:
         # says what to change; a stack trace would only hide it.
         print(f"megatron_csd: error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteMetricError, CheckpointSaveError) as err:  # every rank stops, status 1
+        print(f"megatron_csd: run stopped: {err}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

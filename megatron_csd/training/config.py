@@ -13,6 +13,8 @@
       data          : DataConfig      train / valid JSONL and tokenizer
       checkpoint    : CheckpointConfig save dir / interval, load dir
       logging       : LoggingConfig   output dir, log interval, TensorBoard
+      on_policy     : OnPolicyConfig  student/teacher-generated responses (on_policy_config.py)
+      eval_generate : EvalGenerateConfig  sampled-answer evaluation every N steps (eval_generate_config.py)
 
 Every field is a plain JSON/YAML value, so ``asdict(config)`` is the resolved config that is
 written beside the run (``config.yaml``). Loading and command-line overrides live in
@@ -23,6 +25,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from megatron_csd.training.eval_generate_config import EvalGenerateConfig
+from megatron_csd.training.on_policy_config import OnPolicyConfig
 
 MODES = ("distill", "sft")
 DEVICES = ("cpu", "cuda", "auto")
@@ -62,8 +67,9 @@ def _check_float(name: str, value, *, minimum: float | None = None,
 class ModelRef:
     """Where a model comes from: a preset (random init) or a model-only checkpoint directory.
 
-    ``overrides`` replaces ModelConfig fields of a preset (e.g. a smaller tiny student); the
-    vocabulary size of a preset is always taken from the tokenizer.
+    ``overrides`` replaces ModelConfig fields of a preset (e.g. a smaller tiny student); a
+    preset's vocab_size defaults to the other model's when that is a checkpoint, else to the
+    tokenizer's size (``training.model_setup``).
     """
 
     preset: Optional[str] = None
@@ -183,9 +189,17 @@ class TrainingConfig:
     eval_interval: int = field(default=0, metadata=_flag("--eval-interval", "validate every N steps (0 = start and end only)"))
     eval_samples: int = field(default=0, metadata=_flag("--eval-samples", "held-out samples per evaluation (0 = the whole valid set)"))
     eval_at_start: bool = field(default=True, metadata=_flag("--eval-at-start", "validate before the first step"))
+    divergence_warning_factor: float = field(default=10.0, metadata=_flag("--divergence-warning-factor", "warn when the loss exceeds K x its running median (0 = off)"))
 
     def __post_init__(self):
-        _check_int("training.train_iters", self.train_iters, minimum=0)
+        if self.train_iters == 0:
+            raise ValueError("training.train_iters (--train-iters / TRAIN_ITERS) is 0: the run would "
+                             "train nothing; set the total number of optimizer steps (>= 1)")
+        _check_int("training.train_iters", self.train_iters, minimum=1)
+        _check_float("training.divergence_warning_factor", self.divergence_warning_factor, minimum=0.0)
+        if 0 < self.divergence_warning_factor <= 1:
+            raise ValueError(f"training.divergence_warning_factor must be > 1 (or 0 = off), got "
+                             f"{self.divergence_warning_factor}")
         _check_int("training.micro_batch_size", self.micro_batch_size, minimum=1)
         _check_int("training.global_batch_size", self.global_batch_size, minimum=1)
         _check_int("training.seq_length", self.seq_length, minimum=2)
@@ -233,7 +247,8 @@ class LoggingConfig:
 SECTION_TYPES = {
     "student": ModelRef, "teacher": ModelRef, "loss": LossSection, "parallel": ParallelConfig,
     "optimizer": OptimizerConfig, "training": TrainingConfig, "data": DataConfig,
-    "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "on_policy": OnPolicyConfig,
+    "eval_generate": EvalGenerateConfig,
 }
 
 
@@ -252,6 +267,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    eval_generate: EvalGenerateConfig = field(default_factory=EvalGenerateConfig)
 
     def __post_init__(self):
         for name, section_type in SECTION_TYPES.items():
@@ -277,6 +294,7 @@ class TrainConfig:
                                  f"{self.teacher.describe()}; remove it or use mode 'distill'")
             if self.fp8_teacher is not None:
                 raise ValueError("fp8_teacher is set but mode 'sft' has no teacher")
+        self.on_policy.check_mode(self.mode)
         if self.data.train_path is None:
             raise ValueError("data.train_path (--train-data) is required")
         if self.data.tokenizer is None:

@@ -4,11 +4,21 @@ Vocabulary rules (checked at start-up, before any model is built):
 
 - the data tokenizer is THE tokenizer: a checkpoint directory that carries tokenizer files must
   hold the same tokenizer (fingerprint), else ValueError;
-- every model must embed all tokenizer ids: ``model.vocab_size >= tokenizer.vocab_size``, and
-  not be vastly larger (more than one padding block of 1024 extra rows means another
-  tokenizer family, e.g. a Gemma model with a LLaMA tokenizer);
-- the loss uses the tokenizer's vocabulary as the real vocabulary (columns at or past it are
-  padding for every statistic);
+- the distribution every loss, the CE and the evaluation work on is the MODEL's vocabulary:
+  ``ModelConfig.vocab_size`` = the embedding rows (an HF checkpoint's config ``vocab_size``,
+  recorded at conversion and carried by trainer checkpoints). Only Megatron's own padding
+  (columns ``>= vocab_size`` up to ``padded_vocab_size``) is masked. Rows past the tokenizer's
+  ids are real columns: the teacher gives them (small) probability and the student must learn
+  to match it, else sampling from the exported student emits ids the tokenizer cannot decode;
+- teacher and student must have the same model vocabulary (columns are compared one by one);
+- every model must embed all tokenizer ids (``tokenizer.vocab_size <= model.vocab_size``);
+  fewer ids than rows is normal (Qwen2.5: 151936 rows for ~151665 ids). There is no upper
+  bound on the surplus: real models pad their embeddings to arbitrary multiples, and a wrong
+  tokenizer family is caught by the fingerprint check above when the checkpoint carries its
+  tokenizer; a tokenizer covering less than half of the rows only warns (it cannot block);
+- a preset (random init) has no vocabulary of its own: it takes the vocabulary of the run's
+  checkpoint model when the other model is one (so teacher and student match), else the
+  tokenizer's size; ``overrides: {vocab_size: N}`` sets it explicitly;
 - student and teacher logits must be sharded identically, so both are built with the larger
   of their padded widths (``models.checkpoint.load_model`` re-pads a checkpoint on load).
 """
@@ -25,14 +35,15 @@ import torch
 from megatron_csd.training.config import ModelRef, TrainConfig
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
-_MAX_EXTRA_VOCAB = 1024
+# Below this share of the model rows covered by tokenizer ids, warn (likely another tokenizer).
+_MIN_TOKENIZER_COVERAGE = 0.5
 
 
 @dataclass
 class ModelPlan:
     student: object                 # ModelConfig
     teacher: Optional[object]       # ModelConfig or None (sft)
-    vocab_size: int                 # real vocabulary for the loss (= tokenizer's)
+    vocab_size: int                 # the models' vocabulary (embedding rows): the loss columns
 
 
 def _checkpoint_tokenizer(directory: str):
@@ -44,8 +55,9 @@ def _checkpoint_tokenizer(directory: str):
     return None
 
 
-def resolve_model_config(ref: ModelRef, role: str, tokenizer):
-    """ModelConfig for a preset (vocab from the tokenizer, overrides applied) or a checkpoint."""
+def resolve_model_config(ref: ModelRef, role: str, tokenizer, preset_vocab_size: Optional[int] = None):
+    """ModelConfig for a preset (overrides applied; vocabulary ``preset_vocab_size``, default the
+    tokenizer's, unless overridden) or a checkpoint (its own recorded vocabulary)."""
     from megatron_csd.models import ModelConfig, get_preset
 
     if ref.preset is not None:
@@ -55,7 +67,7 @@ def resolve_model_config(ref: ModelRef, role: str, tokenizer):
         if unknown:
             raise ValueError(f"{role} overrides {unknown} are not ModelConfig fields; allowed: {sorted(known)}")
         changes = dict(ref.overrides)
-        changes.setdefault("vocab_size", tokenizer.vocab_size)
+        changes.setdefault("vocab_size", preset_vocab_size or tokenizer.vocab_size)
         return cfg.replace(**changes)
     from megatron_csd.models.checkpoint import load_model_config
 
@@ -74,28 +86,41 @@ def resolve_model_config(ref: ModelRef, role: str, tokenizer):
 
 
 def _check_vocab(cfg, role: str, tokenizer) -> None:
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the {role} embeds {cfg.vocab_size} tokens but the tokenizer has "
-                         f"{tokenizer.vocab_size}: wrong tokenizer or wrong model")
-    if cfg.vocab_size - tokenizer.vocab_size > _MAX_EXTRA_VOCAB:
-        raise ValueError(f"the {role} vocabulary ({cfg.vocab_size}) is much larger than the "
-                         f"tokenizer's ({tokenizer.vocab_size}): the model was trained with "
-                         "another tokenizer; use the model's own tokenizer")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the {role} model has only "
+                         f"{cfg.vocab_size} vocabulary rows (vocab_size), so ids >= {cfg.vocab_size} "
+                         "cannot be embedded: use the model's own tokenizer")
+    if tokenizer.vocab_size < _MIN_TOKENIZER_COVERAGE * cfg.vocab_size:
+        warnings.warn(f"the tokenizer's {tokenizer.vocab_size} ids cover less than half of the {role} "
+                      f"model's {cfg.vocab_size} vocabulary rows: is it the model's own tokenizer?")
 
 
 def plan_models(config: TrainConfig, tokenizer) -> ModelPlan:
-    student = resolve_model_config(config.student, "student", tokenizer)
-    _check_vocab(student, "student", tokenizer)
-    teacher = None
+    refs = {"student": config.student}
     if config.distill:
-        teacher = resolve_model_config(config.teacher, "teacher", tokenizer)
-        _check_vocab(teacher, "teacher", tokenizer)
+        refs["teacher"] = config.teacher
+    # Checkpoints first: a preset takes the vocabulary of the run's checkpoint model, if any.
+    configs = {role: resolve_model_config(ref, role, tokenizer)
+               for role, ref in refs.items() if ref.preset is None}
+    checkpoint_vocab = next((cfg.vocab_size for cfg in configs.values()), None)
+    for role, ref in refs.items():
+        if ref.preset is not None:
+            configs[role] = resolve_model_config(ref, role, tokenizer, checkpoint_vocab)
+        _check_vocab(configs[role], role, tokenizer)
+    student, teacher = configs["student"], configs.get("teacher")
+    if teacher is not None:
+        if teacher.vocab_size != student.vocab_size:
+            raise ValueError(
+                f"teacher and student vocabularies differ: the teacher has {teacher.vocab_size} "
+                f"rows (vocab_size), the student {student.vocab_size}; distillation compares them "
+                "column by column, so use a student with the teacher's vocab_size (a preset "
+                "student takes it unless student.overrides sets vocab_size)")
         if teacher.padded_vocab_size != student.padded_vocab_size:
             # Logits must be sharded identically; models.checkpoint.load_model re-pads on load.
             common = max(teacher.padded_vocab_size, student.padded_vocab_size)
             student = student.replace(padded_vocab_size=common)
             teacher = teacher.replace(padded_vocab_size=common)
-    return ModelPlan(student=student, teacher=teacher, vocab_size=tokenizer.vocab_size)
+    return ModelPlan(student=student, teacher=teacher, vocab_size=student.vocab_size)
 
 
 def params_dtype_for(precision: str) -> torch.dtype:

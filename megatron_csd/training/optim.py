@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from megatron_csd.training.config import OptimizerConfig, TrainConfig
@@ -81,3 +83,20 @@ def build_scheduler(optimizer, config: TrainConfig):
 
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+@contextmanager
+def configured_lr_kept(optimizer):
+    """Keep the configured per-group ``max_lr`` / ``min_lr`` across ``optimizer.load_state_dict``.
+
+    Megatron's optimizer param groups carry their own ``max_lr`` / ``min_lr``, which the
+    scheduler prefers over its own, and loading a checkpoint restores the saved ones: a run
+    resumed with a lower ``--lr`` (the usual fix for a diverged run) would silently keep the
+    old learning rate. The schedule follows the current config on ``--load`` (see
+    ``build_scheduler``), so the configured values are put back after loading.
+    """
+    configured = [{key: group[key] for key in ("max_lr", "min_lr") if key in group}
+                  for group in optimizer.param_groups]
+    yield
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)

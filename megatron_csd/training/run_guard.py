@@ -16,6 +16,9 @@ every rank raises the same one-line error, or starts with the same checkpoint:
   of the iterations this run saves (publish_checkpoint), everything else is kept;
 - the resumed checkpoint is already at ``train_iters``: nothing to do, ``run()`` returns the
   finished run's checkpoint without training, evaluating, logging or saving.
+
+Then every rank verifies the checkpoint it will load against its manifest (models/manifest.py;
+``--no-verify-checkpoint`` skips it), before any model is built.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_csd.models.manifest import verify_checkpoint
 from megatron_csd.training.run_lock import RunLock, lock_for
 
 _ITERATION_DIR = re.compile(r"^iter_\d{7}(\.alt)?$")
@@ -65,7 +69,7 @@ def decide_start(config) -> dict:
     load, overwrite = config.checkpoint.load, config.checkpoint.overwrite_save
     existing = iteration_dirs(save_dir)
     has_latest = os.path.isfile(os.path.join(save_dir, LATEST_FILE))
-    plan = {"load": load, "message": None, "finished": None}
+    plan = {"load": load, "message": None, "finished": None, "resumes_latest": False}
     if not existing and not has_latest:
         return plan
     latest = None
@@ -109,8 +113,8 @@ def decide_start(config) -> dict:
     if resumed is not None and latest is not None:
         directory = resolve_checkpoint_dir(resumed)
         iteration = _iteration_of(directory)
-        if (os.path.realpath(directory) == os.path.realpath(latest)
-                and iteration >= config.training.train_iters):
+        plan["resumes_latest"] = os.path.realpath(directory) == os.path.realpath(latest)
+        if plan["resumes_latest"] and iteration >= config.training.train_iters:
             plan["finished"] = (iteration, os.path.join(save_dir, os.path.basename(directory)))
             plan["message"] = (f"{directory} is already at iteration {iteration} >= train_iters "
                                f"{config.training.train_iters}: this run is finished, nothing is "
@@ -126,6 +130,7 @@ class RunStart:
     config: object
     finished: Optional[tuple] = None  # (iteration, checkpoint dir) when nothing is left to do
     lock: Optional[RunLock] = None
+    resumes_latest: bool = False  # the checkpoint to load is what the save dir's latest names
 
     def release(self) -> None:
         if self.lock is not None:
@@ -141,13 +146,17 @@ class RunStart:
 
 
 def guard_run(config, ctx) -> RunStart:
-    """Lock the run's folders and decide how it starts (collective: every rank calls it)."""
+    """Lock the run's folders, decide how it starts and verify the checkpoint it loads (collective)."""
+    from megatron_csd.training.checkpointing import resolve_checkpoint_dir
+
     outcome: list = [None]
     lock = None
     if ctx.is_logging_rank:
         try:
             lock = lock_for([config.logging.output_dir, save_dir_of(config)], enabled=True)
             outcome = [decide_start(config)]
+            if outcome[0]["load"] is not None:  # a bad --load is one line on every rank, too
+                outcome[0]["load_dir"] = resolve_checkpoint_dir(outcome[0]["load"])
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they would hang
             if lock is not None:
                 lock.release()
@@ -160,6 +169,21 @@ def guard_run(config, ctx) -> RunStart:
         raise RunRefusedError(plan["error"])
     if plan["message"] and ctx.is_logging_rank:
         print(f"[megatron_csd] {plan['message']}", flush=True)
+    if plan["load"] is not None and plan["finished"] is None:
+        try:  # before any model is built: a damaged checkpoint fails in seconds
+            verify_checkpoint(plan["load_dir"], enabled=not config.checkpoint.no_verify_checkpoint)
+        except ValueError:
+            if lock is not None:
+                lock.release()
+            raise
     checkpoint = dataclasses.replace(config.checkpoint, load=plan["load"])
     return RunStart(config=dataclasses.replace(config, checkpoint=checkpoint),
-                    finished=plan["finished"], lock=lock)
+                    finished=plan["finished"], lock=lock, resumes_latest=plan["resumes_latest"])
+
+
+def run_and_release(trainer):
+    """``trainer.run()``, releasing its run lock also when it fails (a later run may lock)."""
+    try:
+        return trainer.run()
+    finally:
+        trainer.start.release()

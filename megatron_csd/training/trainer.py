@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_csd.training.config import TrainConfig, check_world_size
+from megatron_csd.training.guards import DivergenceMonitor, check_finite_metrics, check_finite_parameters
+from megatron_csd.training.run_guard import guard_run, run_and_release
 
 
 @dataclass
@@ -62,11 +64,11 @@ class Trainer:
         from megatron_csd.parallel.initialize import initialize_parallel, resolve_device
         from megatron_csd.training.config_io import save_resolved_config
         from megatron_csd.training.data_setup import load_run_data
+        from megatron_csd.training.generation_eval import GenerationEvalHook
         from megatron_csd.training.metrics import MetricsWriter
         from megatron_csd.training.model_setup import build_models, params_dtype_for, plan_models
         from megatron_csd.training.objective import ObjectiveSpec
         from megatron_csd.training.optim import build_optimizer, build_scheduler, wrap_ddp
-        from megatron_csd.training.run_guard import guard_run
         from megatron_csd.training.stage import DistillationStage
 
         self.config = config
@@ -130,10 +132,12 @@ class Trainer:
         self.num_microbatches = config.training.global_batch_size // sequences_per_round
         self.save_dir = config.checkpoint.save or os.path.join(config.logging.output_dir, "checkpoints")
         self._setup_train_iterator()
+        self.eval_generate = GenerationEvalHook(self)  # --eval-generate-*: sampled answers, ROUGE-L
         self.iteration = 0
         # (iteration, directory) of a checkpoint in save_dir that holds the current state:
         # written by this run, or the one just loaded when it is save_dir's latest.
         self.checkpoint_on_disk: Optional[tuple] = None
+        self.divergence = DivergenceMonitor(config.training.divergence_warning_factor, enabled=ctx.is_logging_rank)
         if config.checkpoint.load is not None:
             self._resume(config.checkpoint.load)
 
@@ -146,30 +150,27 @@ class Trainer:
                                    dp_rank=self.ctx.dp_rank, dp_size=self.dp_size)
         self.train_batches = BatchIterator(self.data.train, sampler, self.config.training.micro_batch_size)
         self.train_iterator = to_device(self.train_batches, self.ctx.device)
+        from megatron_csd.training.on_policy import build_on_policy
+
+        self.on_policy = build_on_policy(self)  # None unless an on_policy option is set
+        if self.on_policy is not None:
+            self.train_batches = self.on_policy  # draws through the same sampler; adds its state
 
     def _resume(self, load: str):
         from megatron_csd.training.checkpointing import load_checkpoint, resolve_checkpoint_dir
+        from megatron_csd.training.metrics_file import trim_metrics_after_resume
+        from megatron_csd.training.optim import configured_lr_kept
 
         directory = resolve_checkpoint_dir(load)
-        state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
-                                optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx,
-                                verify=not self.config.checkpoint.no_verify_checkpoint)
+        with configured_lr_kept(self.optimizer):  # --lr of this launch, not the checkpoint's
+            state = load_checkpoint(directory, student=self.student, model_config=self.plan.student,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
-        if self._is_latest_of_save_dir(directory):
+        trim_metrics_after_resume(self.writer, self.iteration)  # one record per iteration
+        if self.start.resumes_latest:  # a relaunch: the loaded checkpoint is save_dir's latest
             self.checkpoint_on_disk = (self.iteration, directory)
         self.writer.print(f"[megatron_csd] resumed from {directory} at iteration {self.iteration}")
-
-    def _is_latest_of_save_dir(self, directory: str) -> bool:
-        """Whether ``directory`` is what ``latest`` of this run's save dir names (a relaunch)."""
-        from megatron_csd.training.checkpointing import LATEST_FILE
-
-        latest = os.path.join(self.save_dir, LATEST_FILE)
-        if not os.path.isfile(latest):
-            return False
-        with open(latest, encoding="utf-8") as handle:
-            named = os.path.join(self.save_dir, handle.read().strip())
-        return os.path.realpath(named) == os.path.realpath(directory)
 
     # ----------------------------------------------------------------- steps
     def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool):
@@ -205,7 +206,9 @@ class Trainer:
         self.stage.reset_teacher_time()
         self.stage.start_teacher_pass()
         start = time.perf_counter()
-        outputs = self._forward_backward(self.train_iterator, self.num_microbatches, forward_only=False)
+        batches, count = ((self.train_iterator, self.num_microbatches) if self.on_policy is None
+                          else self.on_policy.step_iterator(self.iteration + 1))
+        outputs = self._forward_backward(batches, count, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
@@ -224,10 +227,12 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed,
         })
+        record.update(self.on_policy.stats if self.on_policy is not None else {})
         if self.stage.teacher is not None:
             # The teacher layers of THIS rank's pipeline stage only (the whole teacher when
             # PP = 1); the logging rank (global rank 0) is on the first stage.
             record["teacher_forward_s"] = self.stage.teacher_forward_seconds()
+        check_finite_metrics(record, grad_norm_measured=grad_norm is not None, device=self.ctx.device)
         return record
 
     def evaluate(self) -> dict:
@@ -250,6 +255,7 @@ class Trainer:
     def save(self) -> str:
         from megatron_csd.training.checkpointing import save_checkpoint
 
+        check_finite_parameters(self.student, self.iteration, device=self.ctx.device)
         directory = save_checkpoint(self.save_dir, self.iteration, student=self.student,
                                     model_config=self.plan.student, optimizer=self.optimizer,
                                     scheduler=self.scheduler,
@@ -270,7 +276,8 @@ class Trainer:
         if len(validation) < 2:
             return
         first, last = validation[0], validation[-1]
-        self.writer.print(f"[megatron_csd] held-out response CE (student): {first['ce']:.4f} "
+        role = "sft model" if self.config.mode == "sft" else "student"  # sft trains e.g. a teacher
+        self.writer.print(f"[megatron_csd] held-out response CE ({role}): {first['ce']:.4f} "
                           f"(iter {first['iteration']}) -> {last['ce']:.4f} (iter {last['iteration']})")
         if "kd" in last:
             loss = self.config.loss
@@ -292,8 +299,11 @@ class Trainer:
     def _validate(self, result: TrainResult):
         record = self.evaluate()
         if record:
+            check_finite_metrics(record, device=self.ctx.device)
             result.validation.append(record)
             self.writer.log(record, console=self._console_valid(record))
+            if self.on_policy is not None:  # DistiLLM's adaptive schedule watches validation
+                self.on_policy.observe_validation(record)
 
     def run(self) -> TrainResult:
         if self.start.finished is not None:
@@ -308,12 +318,12 @@ class Trainer:
         while self.iteration < train_iters:
             record = self.train_step()
             result.train_losses.append(record["loss"])
-            if not math.isfinite(record["loss"]) and record["response_tokens"] > 0:
-                raise FloatingPointError(f"non-finite loss {record['loss']} at iteration {self.iteration}")
+            self.divergence.observe(self.iteration, record["loss"])  # a warning, never a stop
             if self.iteration % config.logging.log_interval == 0 or self.iteration == train_iters:
                 self.writer.log({"split": "train", **record}, console=self._console_train(record))
             if eval_interval and self.iteration % eval_interval == 0 and self.iteration != train_iters:
                 self._validate(result)
+            self.eval_generate.after_step(self.iteration)
             interval = config.checkpoint.save_interval
             if interval and self.iteration % interval == 0:
                 saved_this_run = self.save()
@@ -337,8 +347,4 @@ class Trainer:
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Build everything for this rank and train; every rank of the world must call it."""
-    trainer = Trainer(config)
-    try:
-        return trainer.run()
-    finally:
-        trainer.start.release()  # also on failure: the next run in this process may lock
+    return run_and_release(Trainer(config))  # the run lock is released also on failure
