@@ -296,7 +296,7 @@ def test_import_refuses_non_empty_output_unless_forced(workdir, tmp_path):
         convert_hf_to_megatron(workdir / "hf_gpt2", out)
     assert (out / "keep.txt").exists()
     cfg = convert_hf_to_megatron(workdir / "hf_gpt2", out, force=True)
-    assert not (out / "keep.txt").exists() and load_model_config(out) == cfg
+    assert (out / "keep.txt").read_text() == "user data" and load_model_config(out) == cfg
 
 
 def test_import_failure_mid_write_leaves_no_checkpoint(workdir, tmp_path, monkeypatch):
@@ -368,8 +368,10 @@ def test_export_bad_inputs_are_clear_errors(workdir, tmp_path):
     config = json.loads((wrong / "model_config.json").read_text())
     config["ffn_hidden_size"] = 128
     (wrong / "model_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="linear_fc1.*shape"):
+    with pytest.raises(ValueError, match="model_config.json is truncated"):  # the manifest sees the edit
         convert_megatron_to_hf(wrong, tmp_path / "out")
+    with pytest.raises(ValueError, match="linear_fc1.*shape"):
+        convert_megatron_to_hf(wrong, tmp_path / "out", verify=False)
     with pytest.raises(ValueError, match="dtype must be one of"):
         convert_megatron_to_hf(workdir / "mg_gpt2", tmp_path / "out", dtype="int8")
     assert not (tmp_path / "out").exists()

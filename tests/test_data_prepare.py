@@ -154,11 +154,13 @@ def test_bad_prepare_arguments(corpus, tmp_path):
     assert token_dtype_for(65536) == np.uint16 and token_dtype_for(256000) == np.int32
 
 
-def test_stale_valid_split_is_removed(corpus, tmp_path):
+def test_existing_prepared_dir_is_refused_and_kept(corpus, tmp_path):
     tok = corpus["tokenizer"]
     prepare_dataset(corpus["train"], tok, tmp_path, seq_length=64, template="dolly", valid_input=corpus["valid"])
-    prepare_dataset(corpus["train"], tok, tmp_path, seq_length=64, template="dolly")
-    assert not (tmp_path / "valid" / "metadata.json").exists()
+    before = (tmp_path / "valid" / "tokens.npy").read_bytes()
+    with pytest.raises(ValueError, match="already holds a prepared dataset.*new --out"):
+        prepare_dataset(corpus["train"], tok, tmp_path, seq_length=64, template="dolly")
+    assert (tmp_path / "valid" / "tokens.npy").read_bytes() == before
 
 
 def test_cli_prepares_and_reports_malformed_lines(corpus, tmp_path, capsys):

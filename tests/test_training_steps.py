@@ -77,7 +77,7 @@ def _steps(rank, world_size, workspace, out_file):
             "relaunch_checkpoint": relaunch.checkpoint, "relaunch_losses": relaunch.train_losses,
             "stamp_before": stamp,
             "stamp_after": os.stat(os.path.join(checkpoint, "trainer_state.json")).st_mtime_ns,
-            "dirs": sorted(os.listdir(config.checkpoint.save)),
+            "dirs": sorted(set(os.listdir(config.checkpoint.save)) - {"megatron_csd.lock"}),
         }, handle)
 
 

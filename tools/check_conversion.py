@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
+    from megatron_csd.parallel.launcher_guard import die_with_launcher
+
+    die_with_launcher()  # under torchrun: exit when torchrun dies
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--megatron-dir", required=True,
@@ -31,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--max-diff", type=float, default=None, help="fail above this max |diff|")
     parser.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL")
+    parser.add_argument("--no-verify-checkpoint", action="store_true",
+                        help="load --megatron-dir without checking its manifest.json (at your own risk)")
     args = parser.parse_args(argv)
     try:
         import transformers  # noqa: F401  (the reference side of the check)
@@ -64,7 +69,8 @@ def main(argv=None) -> int:
         dist.init_process_group(backend, store=dist.FileStore(f"{store_dir}/store", 1), rank=0, world_size=1)
     try:
         result = check_conversion(args.hf_dir, args.megatron_dir, tp=args.tp, pp=args.pp,
-                                  batch=args.batch, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
+                                  batch=args.batch, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype,
+                                  verify=not args.no_verify_checkpoint)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ def main(argv=None) -> int:
                         help="stored dtype (default: the HF config's dtype)")
     parser.add_argument("--vocab-multiple", type=int, default=1024,
                         help="pad the vocabulary to a multiple of this (default 1024 = any TP <= 8)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out, replacing only files the converter writes")
     args = parser.parse_args(argv)
     import torch
 

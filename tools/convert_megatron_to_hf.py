@@ -26,7 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-dir", default=None,
                         help="copy the tokenizer files from this folder instead of --load")
     parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out, replacing only files the exporter writes")
+    parser.add_argument("--no-verify-checkpoint", action="store_true",
+                        help="read --load without checking its manifest.json (at your own risk)")
     args = parser.parse_args(argv)
     import torch
 
@@ -39,7 +42,8 @@ def main(argv=None) -> int:
     try:
         config = convert_megatron_to_hf(args.load, args.out, dtype=args.dtype, force=args.force,
                                         tokenizer_dir=args.tokenizer_dir,
-                                        max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3))
+                                        max_shard_bytes=int(args.max_shard_size_gb * 1024 ** 3),
+                                        verify=not args.no_verify_checkpoint)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

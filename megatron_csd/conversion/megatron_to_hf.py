@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -36,6 +37,7 @@ from megatron_csd.models.checkpoint import (
     model_checkpoint_dir,
     resolve_model_checkpoint,
 )
+from megatron_csd.models.manifest import TRAINING_STATE_PREFIXES, verify_manifest
 
 PathLike = Union[str, os.PathLike]
 _DTYPE_NAME = {v: k for k, v in DTYPES.items()}
@@ -123,7 +125,7 @@ def _expected_global_shapes(cfg, global_rules, layer_rules) -> dict[str, tuple[i
 
 def convert_megatron_to_hf(load_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None,
                            force: bool = False, tokenizer_dir: Optional[PathLike] = None,
-                           max_shard_bytes: int = 2 * 1024 ** 3) -> dict:
+                           max_shard_bytes: int = 2 * 1024 ** 3, verify: bool = True) -> dict:
     """Export the model checkpoint in `load_dir` to an HF folder; returns the HF config dict.
 
     `load_dir` is a model checkpoint (model_config.json + model/), e.g. a converted teacher or
@@ -135,6 +137,10 @@ def convert_megatron_to_hf(load_dir: PathLike, out_dir: PathLike, *, dtype: Opti
     load_dir = resolve_model_checkpoint(load_dir)
     cfg = load_model_config(load_dir)
     checkpoint = model_checkpoint_dir(load_dir)
+    if verify:  # the files the export reads, against the checkpoint's manifest.json
+        notice = verify_manifest(load_dir, skip=TRAINING_STATE_PREFIXES)
+        if notice:
+            print(f"note: {notice}", file=sys.stderr)
     global_rules, layer_rules = conversion_rules(cfg, "transformer." if cfg.family == "gpt2" else "model.")
     expected = _expected_global_shapes(cfg, global_rules, layer_rules)
     stored = read_tensor_metadata(checkpoint)

@@ -67,7 +67,8 @@ def compare_logits(hf_logits: torch.Tensor, mg_logits: torch.Tensor, vocab_size:
 
 
 def check_conversion(hf_dir, megatron_dir, *, tp: int = 1, pp: int = 1, batch: int = 2,
-                     seq_len: int = 32, seed: int = 0, dtype: str = "float32") -> Optional[LogitComparison]:
+                     seq_len: int = 32, seed: int = 0, dtype: str = "float32",
+                     verify: bool = True) -> Optional[LogitComparison]:
     """Run both models on the same random token ids; the comparison on the reporting rank.
 
     `megatron_dir` is a model checkpoint, one `iter_*` folder of a training run, or a training
@@ -101,7 +102,7 @@ def check_conversion(hf_dir, megatron_dir, *, tp: int = 1, pp: int = 1, batch: i
         model = build_gpt_model(cfg, pre_process=parallel_state.is_pipeline_first_stage(),
                                 post_process=parallel_state.is_pipeline_last_stage(),
                                 params_dtype=DTYPES[dtype], perform_initialization=False)
-        load_model(model, megatron_dir)
+        load_model(model, megatron_dir, verify=verify)  # verify: the manifest check
         model.eval()
         generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=generator).to(device)

@@ -132,6 +132,18 @@ def _write_split(directory: Path, packed: _PackedSamples, metadata: dict) -> dic
     return metadata
 
 
+def check_new_prepared_dir(out_dir: Path) -> None:
+    """ValueError when `out_dir` already holds a prepared dataset (or a partial one).
+
+    Preparing is never done over an earlier result: that would silently replace data a run
+    may be training on. Other files in `out_dir` are fine (they are never touched).
+    """
+    found = [name for name in ("prepare.json", "train", "valid") if (out_dir / name).exists()]
+    if found:
+        raise ValueError(f"--out {out_dir} already holds a prepared dataset ({', '.join(found)}); "
+                         "choose a new --out, or delete those yourself to prepare it again")
+
+
 def prepare_dataset(input_path: str | os.PathLike, tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
                     seq_length: int, template: str, valid_input: str | os.PathLike | None = None,
                     valid_fraction: float = 0.0, split_seed: int = 1234,
@@ -153,6 +165,7 @@ def prepare_dataset(input_path: str | os.PathLike, tokenizer: Tokenizer, out_dir
         raise ValueError("give either a separate validation file or valid_fraction, not both")
     fields = fields or FieldMap()
     out_dir = Path(out_dir)
+    check_new_prepared_dir(out_dir)
 
     def tokenize(path) -> tuple[_PackedSamples, ReadStats]:
         stats = ReadStats()
@@ -185,10 +198,6 @@ def prepare_dataset(input_path: str | os.PathLike, tokenizer: Tokenizer, out_dir
         "seq_length": seq_length, "max_prompt_length": max_prompt_length,
         "fields": asdict(fields), "tokenizer": tokenizer.describe(),
     }
-    for stale in ("train", "valid"):  # a split from an earlier run must not survive unnoticed
-        if stale not in splits:
-            for name in ("tokens.npy", "offsets.npy", "prompt_lengths.npy", METADATA_FILE):
-                (out_dir / stale / name).unlink(missing_ok=True)
     written = {}
     for name, split in splits.items():
         written[name] = _write_split(out_dir / name, split, dict(common, split=name))

@@ -171,14 +171,17 @@ def check_loadable(saved: ModelConfig, wanted: ModelConfig) -> None:
         raise ValueError("checkpoint and model architectures differ (" + "; ".join(diffs) + ")")
 
 
-def load_model(model, directory: PathLike) -> ModelConfig:
+def load_model(model, directory: PathLike, *, verify: bool = True) -> ModelConfig:
     """Load a model checkpoint into `model` at this run's TP/PP layout (all ranks call).
 
     `model` is a GPTModel built by `build_gpt_model` (optionally wrapped). Returns the saved
-    ModelConfig. Raises ValueError when the architectures differ.
+    ModelConfig. Raises ValueError when the architectures differ, and (`verify`) a
+    CheckpointDamagedError when a file differs from the checkpoint's manifest.
     """
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_csd.models.manifest import TRAINING_STATE_PREFIXES, verify_checkpoint
 
     inner = _unwrap(model)
     saved = load_model_config(directory)
@@ -187,6 +190,7 @@ def load_model(model, directory: PathLike) -> ModelConfig:
         raise ValueError("load_model needs a model built by megatron_csd.models.build_gpt_model")
     check_loadable(saved, wanted)
     path = model_checkpoint_dir(directory)
+    verify_checkpoint(directory, skip=TRAINING_STATE_PREFIXES, enabled=verify)
     sharded = inner.sharded_state_dict()
     repad = {}
     if saved.padded_vocab_size != wanted.padded_vocab_size:

@@ -124,6 +124,7 @@ def _save_checkpoint(save_dir: str, iteration: int, *, student, model_config, op
         record_checkpoint_source,
         save_model,
     )
+    from megatron_csd.models.manifest import write_manifest
     from megatron_csd.training.save_failure import agree_on_save_failure
 
     final = os.path.join(save_dir, iteration_dir_name(iteration))
@@ -156,6 +157,9 @@ def _save_checkpoint(save_dir: str, iteration: int, *, student, model_config, op
             if os.path.isfile(source):
                 shutil.copy2(source, os.path.join(tmp, os.path.basename(source)))
     agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)  # the barrier, + failures
+    if ctx.rank == 0:  # every rank's files are complete: checksum them before publishing
+        write_manifest(tmp)  # an OSError here meets the other ranks in the agreement below
+    agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)
     published = publish_checkpoint(save_dir, tmp, iteration) if ctx.rank == 0 else None
     names = [published]
     dist.broadcast_object_list(names, src=0)
@@ -276,20 +280,29 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
-def load_checkpoint(directory: str, *, student, model_config, optimizer, scheduler, ctx) -> ResumeState:
-    """Restore student weights, optimizer, scheduler and RNG; returns the trainer state."""
+def load_checkpoint(directory: str, *, student, model_config, optimizer, scheduler, ctx,
+                    verify: bool = False) -> ResumeState:
+    """Restore student weights, optimizer, scheduler and RNG; returns the trainer state.
+
+    ``verify``: check every file against the checkpoint's manifest first (models/manifest.py);
+    the trainer does that earlier, in run_guard.guard_run, before it builds the models.
+    """
     from megatron.core import dist_checkpointing
     from megatron_csd.models.checkpoint import load_model, load_model_config
+    from megatron_csd.models.manifest import verify_checkpoint
+
+    verify_checkpoint(directory, enabled=verify)
 
     saved_config = load_model_config(directory)
     if saved_config.to_dict() != model_config.to_dict():
         diff = {k: (v, model_config.to_dict().get(k)) for k, v in saved_config.to_dict().items()
                 if model_config.to_dict().get(k) != v}
         raise ValueError(f"--load {directory}: the saved student differs from the configured one "
-                         f"(field: (saved, configured)) {diff}")
+                         f"(field: (saved, configured)) {diff}; resume with the saved run's model, or start this "
+                         "one with --overwrite-save or in a new --output-dir / --save")
     with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
-    load_model(student, directory)
+    load_model(student, directory, verify=False)  # verified above, optimizer and RNG too
     _materialize_distributed_optimizer_state(optimizer)
     optimizer_state = optimizer.sharded_state_dict(student.sharded_state_dict(), is_loading=True,
                                                    metadata=dict(_OPTIMIZER_METADATA))

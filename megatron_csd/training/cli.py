@@ -1,9 +1,11 @@
 """Command-line entry point: ``torchrun ... -m megatron_csd.training.cli [--config X.yaml] [flags]``.
 
-Bad configuration exits with status 2 and a one-line message (no stack trace); a run stopped by
-a non-finite metric or a failed checkpoint write exits with status 1 and one line; the resolved
+Bad configuration exits with status 2 and a one-line message (no stack trace), as do a busy
+output folder, a save dir holding another run and a damaged checkpoint; a run stopped by a
+non-finite metric or a failed checkpoint write exits with status 1 and one line; the resolved
 config, metrics and checkpoints land under ``--output-dir`` / ``--save``. Known-harmless upstream
-warnings are filtered here (``warning_filters``), not at library import.
+warnings are filtered here (``warning_filters``), not at library import. Under torchrun the
+worker exits when torchrun dies (parallel/launcher_guard.py).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_csd.parallel.launcher_guard import die_with_launcher
+
+    die_with_launcher()  # first: a kill -9 of torchrun must not leave this worker training
     import torch
 
     from megatron_csd.training.warning_filters import (

@@ -232,6 +232,8 @@ class CheckpointConfig:
     save_interval: int = field(default=0, metadata=_flag("--save-interval", "save every N steps (0 = at the end only)"))
     load: Optional[str] = field(default=None, metadata=_flag("--load", "resume from this checkpoint dir (its latest)"))
     save_final: bool = field(default=True, metadata=_flag("--save-final", "save a checkpoint after the last step"))
+    overwrite_save: bool = field(default=False, metadata=_flag("--overwrite-save", "train into a save dir that holds another run instead of resuming it (replaces its iter_* of the same iterations only)"))
+    no_verify_checkpoint: bool = field(default=False, metadata=_flag("--no-verify-checkpoint", "load checkpoints without checking their manifest.json (sizes, crc32)"))
 
     def __post_init__(self):
         _check_int("checkpoint.save_interval", self.save_interval, minimum=0)

@@ -138,7 +138,8 @@ def build_models(config: TrainConfig, plan: ModelPlan, *, pre_process: bool, pos
     if config.student.checkpoint is not None and config.checkpoint.load is None:
         from megatron_csd.models.checkpoint import load_model
 
-        load_model(student, config.student.checkpoint)
+        load_model(student, config.student.checkpoint,
+                   verify=not config.checkpoint.no_verify_checkpoint)
     teacher = None
     if plan.teacher is not None:
         teacher = build_gpt_model(plan.teacher, pre_process=pre_process, post_process=post_process,
@@ -147,7 +148,8 @@ def build_models(config: TrainConfig, plan: ModelPlan, *, pre_process: bool, pos
         if config.teacher.checkpoint is not None:
             from megatron_csd.models.checkpoint import load_model
 
-            load_model(teacher, config.teacher.checkpoint)
+            load_model(teacher, config.teacher.checkpoint,
+                       verify=not config.checkpoint.no_verify_checkpoint)
         else:
             warnings.warn("the teacher is a randomly initialised preset: fine for tests, "
                           "meaningless for distillation (give teacher.checkpoint)")

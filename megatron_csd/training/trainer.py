@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron_csd.training import console
 from megatron_csd.training.config import TrainConfig, check_world_size
 from megatron_csd.training.guards import DivergenceMonitor, check_finite_metrics, check_finite_parameters
+from megatron_csd.training.run_guard import guard_run, run_and_release
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Trainer:
 
             enable_cpu_grad_clipping()
         ctx = self.ctx
+        self.start = guard_run(config, ctx)  # lock; resume, refuse or overwrite (run_guard.py)
+        self.config = config = self.start.config
+        if self.start.finished is not None:
+            return  # run() reports the finished run; there is nothing to build
         self.writer = MetricsWriter(config.logging.output_dir, enabled=ctx.is_logging_rank,
                                     tensorboard=config.logging.tensorboard,
                                     quiet=config.logging.quiet,
@@ -167,20 +172,9 @@ class Trainer:
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
         trim_metrics_after_resume(self.writer, self.iteration)  # one record per iteration
-        if self._is_latest_of_save_dir(directory):
+        if self.start.resumes_latest:  # a relaunch: the loaded checkpoint is save_dir's latest
             self.checkpoint_on_disk = (self.iteration, directory)
         self.writer.print(f"[megatron_csd] resumed from {directory} at iteration {self.iteration}")
-
-    def _is_latest_of_save_dir(self, directory: str) -> bool:
-        """Whether ``directory`` is what ``latest`` of this run's save dir names (a relaunch)."""
-        from megatron_csd.training.checkpointing import LATEST_FILE
-
-        latest = os.path.join(self.save_dir, LATEST_FILE)
-        if not os.path.isfile(latest):
-            return False
-        with open(latest, encoding="utf-8") as handle:
-            named = os.path.join(self.save_dir, handle.read().strip())
-        return os.path.realpath(named) == os.path.realpath(directory)
 
     # ----------------------------------------------------------------- steps
     def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool):
@@ -285,6 +279,8 @@ class Trainer:
                 self.on_policy.observe_validation(record)
 
     def run(self) -> TrainResult:
+        if self.start.finished is not None:
+            return self.start.finished_result()
         config = self.config
         result = TrainResult(output_dir=config.logging.output_dir)
         train_iters = config.training.train_iters
@@ -319,9 +315,10 @@ class Trainer:
             self.writer.print(f"[megatron_csd] checkpoint: {last_saved}")
         self.writer.print(f"[megatron_csd] metrics:    {self.writer.path}")
         self.writer.close()
+        self.start.release()
         return result
 
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Build everything for this rank and train; every rank of the world must call it."""
-    return Trainer(config).run()
+    return run_and_release(Trainer(config))  # the run lock is released also on failure
