@@ -65,6 +65,7 @@ KD_RATIO="${KD_RATIO:-1.0}"              # loss = KD_RATIO * distill + (1 - KD_R
 MICRO_BATCH="${MICRO_BATCH:-1}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 SEQ_LENGTH="${SEQ_LENGTH:-512}"
+PACKING="${PACKING:-0}"                  # 1: pack several samples per SEQ_LENGTH row (--packing; local layer spec only)
 TRAIN_ITERS="${TRAIN_ITERS:-1000}"
 LR="${LR:-1e-5}"
 MIN_LR="${MIN_LR:-0}"
@@ -203,7 +204,9 @@ embedded_default() {
   pick="$(pick_stage_dir "${work}/distill" "" none)"
   student_dir="${pick#* }"
   announce_stage "student" new "${student_dir}" "${work}/distill"
-  launch 2 "${common[@]}" --mode distill --teacher-checkpoint "${teacher}" \
+  local packing=()
+  [[ "${PACKING}" == 1 ]] && packing=(--packing)
+  launch 2 "${common[@]}" ${packing[@]+"${packing[@]}"} --mode distill --teacher-checkpoint "${teacher}" \
     --student-preset tiny-gemma --tensor-model-parallel-size 2 \
     --objective csd --csd-weights TS --kd-ratio 1.0 \
     --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_STUDENT_ITERS}" \
@@ -240,6 +243,7 @@ args=(--mode "${MODE}" --device "${DEVICE}" --precision "${PRECISION}"
   --eval-interval "${EVAL_INTERVAL}" --eval-samples "${EVAL_SAMPLES}"
   --save-interval "${SAVE_INTERVAL}" --output-dir "${OUTPUT_DIR}" --log-interval "${LOG_INTERVAL}")
 [[ "${SP}" == 1 ]] && args+=(--sequence-parallel)
+[[ "${PACKING}" == 1 ]] && args+=(--packing)
 [[ "${TENSORBOARD}" == 1 ]] && args+=(--tensorboard)
 [[ -n "${TEACHER}" ]] && args+=(--teacher-checkpoint "${TEACHER}")
 [[ -n "${STUDENT}" ]] && args+=(--student-checkpoint "${STUDENT}")

@@ -4,6 +4,7 @@ datasets, deterministic resumable data-parallel sampling, and the toy data of th
     from megatron_csd.data import load_tokenizer, InstructionDataset, ResumableSampler, BatchIterator
 """
 from megatron_csd.data.dataset import InstructionDataset, collate, read_metadata
+from megatron_csd.data.packing import PackedDataset, PaddingReport, pack_bins
 from megatron_csd.data.prepare import PrepareResult, prepare_dataset
 from megatron_csd.data.records import (FieldMap, InstructionRecord, MalformedRecordError,
                                        read_records)
@@ -16,8 +17,8 @@ from megatron_csd.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tok
 
 __all__ = [
     "BatchIterator", "FieldMap", "HFTokenizer", "InstructionDataset", "InstructionRecord",
-    "MalformedRecordError", "PrepareResult", "ResumableSampler", "SentencePieceTokenizer",
+    "MalformedRecordError", "PackedDataset", "PaddingReport", "PrepareResult", "ResumableSampler", "SentencePieceTokenizer",
     "TEMPLATE_NAMES", "TokenizedSample", "Tokenizer", "build_training_sample", "collate",
-    "encode_prompt", "eval_batches", "load_tokenizer", "num_eval_batches", "prepare_dataset",
+    "encode_prompt", "eval_batches", "load_tokenizer", "num_eval_batches", "pack_bins", "prepare_dataset",
     "read_metadata", "read_records", "render", "tokenize_records", "truncate_sample",
 ]

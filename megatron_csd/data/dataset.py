@@ -94,6 +94,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         index %= len(self)
         return np.asarray(self._tokens[self._offsets[index]:self._offsets[index + 1]], dtype=np.int64)
 
+    def sample_num_ids(self) -> np.ndarray:
+        """Stored ids per sample ([num_samples] int64; a sample fills `ids - 1` positions)."""
+        return np.diff(self._offsets).astype(np.int64)
+
     def prompt_length(self, index: int) -> int:
         return int(self._prompt_lengths[index])
 

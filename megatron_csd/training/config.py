@@ -194,6 +194,7 @@ class TrainingConfig:
     eval_interval: int = field(default=0, metadata=_flag("--eval-interval", "validate every N steps (0 = start and end only)"))
     eval_samples: int = field(default=0, metadata=_flag("--eval-samples", "held-out samples per evaluation (0 = the whole valid set)"))
     eval_at_start: bool = field(default=True, metadata=_flag("--eval-at-start", "validate before the first step"))
+    packing: bool = field(default=False, metadata=_flag("--packing", "pack several samples per seq_length row (isolated attention, local layer spec)"))
     divergence_warning_factor: float = field(default=10.0, metadata=_flag("--divergence-warning-factor", "warn when the loss exceeds K x its running median (0 = off)"))
 
     def __post_init__(self):

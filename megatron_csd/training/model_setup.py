@@ -154,4 +154,10 @@ def build_models(config: TrainConfig, plan: ModelPlan, *, pre_process: bool, pos
             warnings.warn("the teacher is a randomly initialised preset: fine for tests, "
                           "meaningless for distillation (give teacher.checkpoint)")
         freeze_teacher(teacher)
+    if config.training.packing:
+        from megatron_csd.models.packed_attention import enable_packing
+
+        for model in (student, teacher):
+            if model is not None:  # refuses layer specs that cannot isolate samples
+                enable_packing(model, micro_batch_size=config.training.micro_batch_size)
     return student, teacher

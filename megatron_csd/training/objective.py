@@ -137,16 +137,20 @@ def make_forward_step(spec: ObjectiveSpec, *, evaluating: bool = False):
 
     Every stage draws the microbatch (so all ranks stay in step); the first stage feeds
     tokens/positions, the last stage's loss uses labels and mask. The causal mask is built by
-    the attention layer (``attention_mask=None``).
+    the attention layer (``attention_mask=None``), except for packed batches (``segment_ids``):
+    there every stage builds the block-diagonal causal mask (or THD ``packed_seq_params`` on the
+    TE spec) from its copy of the batch and student and teacher get the same one
+    (megatron_csd.models.packed_attention).
     """
-
+    from megatron_csd.models.packed_attention import packed_forward_kwargs
     from megatron_csd.training.fused_objective import FusedHeads, fused_loss_func
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         lm_batch = "lm_weight" in batch
         # The LM term's CE needs the student's logits: the fused head capture stays off for it.
-        output = model(batch["tokens"], batch["position_ids"], None, capture_heads=not lm_batch)
+        output = model(batch["tokens"], batch["position_ids"], capture_heads=not lm_batch,
+                       **packed_forward_kwargs(batch, model))
         if isinstance(output, tuple):  # last stage: (student_logits, teacher_logits)
             student_logits, teacher_logits = output
         else:

@@ -123,18 +123,23 @@ class DistillationStage(torch.nn.Module):
         self.module.set_input_tensor(student_in)
         self.teacher.set_input_tensor(teacher_in.detach())
 
-    def forward(self, input_ids, position_ids, attention_mask=None, capture_heads: bool = True):
-        """Last stage: logits, or with the fused loss (and ``capture_heads``) FusedHeads."""
+    def forward(self, input_ids, position_ids, attention_mask=None, capture_heads: bool = True,
+                packed_seq_params=None):
+        """Last stage: logits, or with the fused loss (and ``capture_heads``) FusedHeads.
+
+        Packed rows: student and teacher get the same ``attention_mask`` / THD
+        ``packed_seq_params`` (megatron_csd.models.packed_attention)."""
+        extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
         if not self.fused:
-            return self._forward(input_ids, position_ids, attention_mask, fused=False)
+            return self._forward(input_ids, position_ids, attention_mask, extra, fused=False)
         with contextlib.ExitStack() as stack:
             for capture in self._captures:
                 stack.enter_context(capture.active(capture_heads))
-            return self._forward(input_ids, position_ids, attention_mask, fused=capture_heads)
+            return self._forward(input_ids, position_ids, attention_mask, extra, fused=capture_heads)
 
-    def _forward(self, input_ids, position_ids, attention_mask, *, fused: bool):
+    def _forward(self, input_ids, position_ids, attention_mask, extra, *, fused: bool):
         if self.teacher is None:
-            student_out = self.module(input_ids, position_ids, attention_mask)
+            student_out = self.module(input_ids, position_ids, attention_mask, **extra)
             return self._fused_output(student_out) if fused else student_out
         on_cuda = self.timed and self._teacher_on_cuda()
         if on_cuda:
@@ -142,13 +147,13 @@ class DistillationStage(torch.nn.Module):
             events[0].record()
         start = time.perf_counter()
         with torch.no_grad():
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask, **extra)
         if on_cuda:
             events[1].record()
             self._teacher_events.append(events)
         elif self.timed:
             self._teacher_wall_seconds += time.perf_counter() - start
-        student_out = self.module(input_ids, position_ids, attention_mask)
+        student_out = self.module(input_ids, position_ids, attention_mask, **extra)
         if self.post_process:
             return self._fused_output(student_out) if fused else (student_out, teacher_out)
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)

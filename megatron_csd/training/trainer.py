@@ -147,10 +147,12 @@ class Trainer:
     def _setup_train_iterator(self):
         from megatron_csd.data import BatchIterator, ResumableSampler
         from megatron_csd.training.data_setup import to_device
+        from megatron_csd.training.packing_setup import training_rows
 
-        sampler = ResumableSampler(len(self.data.train), seed=self.config.training.seed,
+        rows = training_rows(self.config, self.data.train, self.writer)  # packed bins or samples
+        sampler = ResumableSampler(len(rows), seed=self.config.training.seed,
                                    dp_rank=self.ctx.dp_rank, dp_size=self.dp_size)
-        self.train_batches = BatchIterator(self.data.train, sampler, self.config.training.micro_batch_size)
+        self.train_batches = BatchIterator(rows, sampler, self.config.training.micro_batch_size)
         self.train_iterator = to_device(self.train_batches, self.ctx.device)
         from megatron_csd.training.on_policy import build_on_policy
 
