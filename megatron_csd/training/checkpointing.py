@@ -160,7 +160,13 @@ def _save_checkpoint(save_dir: str, iteration: int, *, student, model_config, op
     if ctx.rank == 0:  # every rank's files are complete: checksum them before publishing
         write_manifest(tmp)  # an OSError here meets the other ranks in the agreement below
     agree_on_save_failure(None, tmp, rank=ctx.rank, device=ctx.device)
-    published = publish_checkpoint(save_dir, tmp, iteration) if ctx.rank == 0 else None
+    published, publish_error = None, None
+    if ctx.rank == 0:
+        try:
+            published = publish_checkpoint(save_dir, tmp, iteration)
+        except OSError as err:  # met by every rank in the agreement below, not a lone raise
+            publish_error = err
+    agree_on_save_failure(publish_error, tmp, rank=ctx.rank, device=ctx.device)
     names = [published]
     dist.broadcast_object_list(names, src=0)
     dist.barrier()

@@ -96,3 +96,15 @@ def test_prompts_longer_than_the_model_are_refused_before_generating(tmp_path):
     result = evaluate(model, [TestFile("toy", workspace["valid"])], tokenizer, settings, ctx,
                       vocab_size=tokenizer.vocab_size, generate_batch=generate_batch, show_progress=False)
     assert calls == [2] and result.files["toy"].metrics["gen_length"]["mean"] == 2.0
+
+
+def test_tokenizer_check_follows_the_model_rows_not_a_fixed_margin():
+    """Qwen2.5-like surplus rows are fine; a tokenizer larger than the model is one clear error."""
+    from types import SimpleNamespace
+
+    from megatron_csd.evaluation.cli import _check_tokenizer
+
+    _check_tokenizer(SimpleNamespace(vocab_size=151665), SimpleNamespace(vocab_size=151936), "qwen")
+    _check_tokenizer(SimpleNamespace(vocab_size=184), SimpleNamespace(vocab_size=192 + 4096), "big")
+    with pytest.raises(ValueError, match="tokenizer has 200 ids but the model has only 192"):
+        _check_tokenizer(SimpleNamespace(vocab_size=200), SimpleNamespace(vocab_size=192), "small")

@@ -18,7 +18,15 @@ from tests.test_training_common import build_workspace
 from .runs import config_tree, tree_digest
 
 
-def _save_hits_full_disk(rank, world_size, workspace, run, out_dir):
+def _fails_for(path: str, stage: str) -> bool:
+    """``write``: iteration 2's files in its .tmp; ``publish``: moving ``latest`` to iteration 2."""
+    if stage == "write":
+        return "iter_0000002.tmp" in path
+    save_dir = os.path.dirname(path)
+    return os.path.basename(path) == "latest" and os.path.isdir(os.path.join(save_dir, "iter_0000002"))
+
+
+def _save_hits_full_disk(rank, world_size, workspace, run, out_dir, stage="write"):
     from megatron_csd.parallel.initialize import destroy_parallel
     from megatron_csd.training import checkpointing
     from megatron_csd.training.config_io import config_from_dict
@@ -27,7 +35,7 @@ def _save_hits_full_disk(rank, world_size, workspace, run, out_dir):
     original = checkpointing._write_text_atomic
 
     def full_disk(path, text):
-        if "iter_0000002.tmp" in path:
+        if _fails_for(path, stage):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return original(path, text)
 
@@ -66,3 +74,19 @@ def test_full_disk_during_save_cleans_up_and_every_rank_says_so(tmp_path):
     with open(os.path.join(save, "latest")) as handle:
         assert handle.read().strip() == "iter_0000001"
     assert "trainer_state.json" in tree_digest(os.path.join(save, "iter_0000001"))
+
+
+@pytest.mark.slow
+def test_full_disk_while_publishing_fails_on_every_rank_and_keeps_latest(tmp_path):
+    """Rank 0 alone fails to move ``latest`` (after the last barrier): no rank may hang."""
+    workspace = build_workspace(str(tmp_path), num_train=16, num_valid=4)
+    run = str(tmp_path / "run")
+    run_distributed(_save_hits_full_disk, 2, workspace, run, str(tmp_path), "publish", timeout=240)
+    save = os.path.join(run, "checkpoints")
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as handle:
+            outcome = json.load(handle)
+        assert outcome["type"] == "CheckpointSaveError", outcome
+        assert "disk is full" in outcome["message"] and "latest" in outcome["message"], outcome
+    with open(os.path.join(save, "latest")) as handle:
+        assert handle.read().strip() == "iter_0000001"
