@@ -74,7 +74,9 @@ def describe(differences: list) -> str:
 
 
 def _resolved_tree(config) -> dict:
-    return yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))  # as it is written
+    from megatron_csd.training.config_io import load_yaml_text
+
+    return load_yaml_text(yaml.safe_dump(config.to_dict(), sort_keys=False))  # as it is read back
 
 
 def _saved_tree(path: str):

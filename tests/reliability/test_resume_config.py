@@ -19,6 +19,9 @@ from .runs import config_tree
 
 
 def _read(path):
+    """The bytes of ``path`` (None when it does not exist)."""
+    if not os.path.isfile(path):
+        return None
     with open(path, "rb") as handle:
         return handle.read()
 
@@ -51,8 +54,7 @@ def _config_scenarios(rank, world_size, workspace, out_file):
     files_after_refusal = sorted(os.listdir(run)), sorted(os.listdir(save))
     allowed = _train(workspace, run, 3)
     overwritten = _train(workspace, run, 4, objective="fkl", overwrite_save=True, load=save)
-    with open(os.path.join(run, "config.resume-3.yaml")) as handle:
-        resumed_config = handle.read()
+    resumed_config = (_read(os.path.join(run, "config.resume-3.yaml")) or b"").decode()
     with open(os.path.join(run, "metrics.jsonl")) as handle:
         train = [json.loads(line)["iteration"] for line in handle if '"train"' in line]
     with open(out_file, "w") as handle:
