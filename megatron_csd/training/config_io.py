@@ -201,10 +201,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return config_from_dict(tree)
 
 
-def save_resolved_config(config: TrainConfig, directory: str) -> str:
-    """Write the resolved tree to ``directory/config.yaml`` (atomically); returns the path."""
+def save_resolved_config(config: TrainConfig, directory: str, name: str = "config.yaml") -> str:
+    """Write the resolved tree to ``directory/name`` (atomically); returns the path."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "config.yaml")
+    path = os.path.join(directory, name)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config.to_dict(), handle, sort_keys=False)

@@ -6,7 +6,9 @@ TP rank 0 contribute (TP ranks hold identical values; other stages hold none), a
 all-reduce over the whole world gives every rank the same numbers (so any rank may log).
 
 ``MetricsWriter`` (logging rank only) appends one JSON object per record to
-``OUTPUT_DIR/metrics.jsonl``, prints a console line, and mirrors scalars to TensorBoard when
+``OUTPUT_DIR/metrics.jsonl`` (``resume``: appending, the run resumes this output dir's own
+latest; otherwise an existing file is first renamed to ``metrics.jsonl.previous``, or
+``.previous.2``, ``.3``, ... when taken: no earlier file is ever replaced), prints a console line, and mirrors scalars to TensorBoard when
 asked and importable.
 """
 from __future__ import annotations
@@ -40,6 +42,15 @@ def _format(value) -> str:
     return str(value)
 
 
+def _unused_name(base: str) -> str:
+    """``base``, or ``base.2``, ``base.3``, ... : the first name that does not exist yet."""
+    name, count = base, 1
+    while os.path.exists(name):
+        count += 1
+        name = f"{base}.{count}"
+    return name
+
+
 class MetricsWriter:
     def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool, quiet: bool,
                  resume: bool):
@@ -51,7 +62,7 @@ class MetricsWriter:
             return
         os.makedirs(output_dir, exist_ok=True)
         if not resume and os.path.exists(self.path):
-            os.replace(self.path, self.path + ".previous")
+            os.rename(self.path, _unused_name(self.path + ".previous"))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

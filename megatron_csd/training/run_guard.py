@@ -17,6 +17,10 @@ every rank raises the same one-line error, or starts with the same checkpoint:
 - the resumed checkpoint is already at ``train_iters``: nothing to do, ``run()`` returns the
   finished run's checkpoint without training, evaluating, logging or saving.
 
+On a resume of the latest, the config must match the run's config.yaml but for the keys
+resume_config.py allows (else a one-line refusal, unless ``--overwrite-save``); the outcome
+names the file the config is written to, never over a differing config.yaml.
+
 Then every rank verifies the checkpoint it will load against its manifest (models/manifest.py;
 ``--no-verify-checkpoint`` skips it), before any model is built.
 """
@@ -32,6 +36,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_csd.models.manifest import verify_checkpoint
+from megatron_csd.training.resume_config import config_file_for
 from megatron_csd.training.run_lock import RunLock, lock_for
 
 _ITERATION_DIR = re.compile(r"^iter_\d{7}(\.alt)?$")
@@ -59,6 +64,13 @@ def _iteration_of(directory: str) -> int:
 
     with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as handle:
         return int(json.load(handle)["iteration"])
+
+
+def _start_iteration(load_dir: Optional[str]) -> int:
+    try:
+        return _iteration_of(load_dir) if load_dir is not None else 0
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0
 
 
 def decide_start(config) -> dict:
@@ -131,6 +143,7 @@ class RunStart:
     finished: Optional[tuple] = None  # (iteration, checkpoint dir) when nothing is left to do
     lock: Optional[RunLock] = None
     resumes_latest: bool = False  # the checkpoint to load is what the save dir's latest names
+    config_file: Optional[str] = None  # where the logging rank writes the config (None: kept)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -157,6 +170,10 @@ def guard_run(config, ctx) -> RunStart:
             outcome = [decide_start(config)]
             if outcome[0]["load"] is not None:  # a bad --load is one line on every rank, too
                 outcome[0]["load_dir"] = resolve_checkpoint_dir(outcome[0]["load"])
+            if outcome[0]["finished"] is None:  # a changed objective etc. is refused (resume_config.py)
+                outcome[0]["config_file"] = config_file_for(
+                    config, config.logging.output_dir, resumes_latest=outcome[0]["resumes_latest"],
+                    iteration=_start_iteration(outcome[0].get("load_dir")))
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they would hang
             if lock is not None:
                 lock.release()
@@ -178,7 +195,8 @@ def guard_run(config, ctx) -> RunStart:
             raise
     checkpoint = dataclasses.replace(config.checkpoint, load=plan["load"])
     return RunStart(config=dataclasses.replace(config, checkpoint=checkpoint),
-                    finished=plan["finished"], lock=lock, resumes_latest=plan["resumes_latest"])
+                    finished=plan["finished"], lock=lock, resumes_latest=plan["resumes_latest"],
+                    config_file=plan.get("config_file"))
 
 
 def run_and_release(trainer):

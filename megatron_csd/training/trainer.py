@@ -96,9 +96,9 @@ class Trainer:
         self.writer = MetricsWriter(config.logging.output_dir, enabled=ctx.is_logging_rank,
                                     tensorboard=config.logging.tensorboard,
                                     quiet=config.logging.quiet,
-                                    resume=config.checkpoint.load is not None)
-        if ctx.is_logging_rank:
-            save_resolved_config(config, config.logging.output_dir)
+                                    resume=self.start.resumes_latest)
+        if ctx.is_logging_rank and self.start.config_file is not None:  # never over a differing one
+            save_resolved_config(config, config.logging.output_dir, name=self.start.config_file)
         self.data = load_run_data(config, ctx.rank)
         self.plan = plan_models(config, self.data.tokenizer)
         self.params_dtype = params_dtype_for(precision)
@@ -171,8 +171,8 @@ class Trainer:
                                     optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx)
         self.train_batches.load_state_dict(state.sampler)
         self.iteration = state.iteration
-        trim_metrics_after_resume(self.writer, self.iteration)  # one record per iteration
         if self.start.resumes_latest:  # a relaunch: the loaded checkpoint is save_dir's latest
+            trim_metrics_after_resume(self.writer, self.iteration)  # one record per iteration
             self.checkpoint_on_disk = (self.iteration, directory)
         self.writer.print(f"[megatron_csd] resumed from {directory} at iteration {self.iteration}")
 
