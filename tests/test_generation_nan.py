@@ -123,3 +123,32 @@ def test_generate_cli_prints_one_line_for_a_nan_checkpoint(tmp_path):
     assert errors == ["generate.py: error: request 0 at step 0: the model's logits are NaN: the "
                       "checkpoint is damaged or diverged (check it, e.g. resume from an earlier "
                       "checkpoint)"], proc.stderr
+
+
+def _raise_nan(*args, **kwargs):
+    from megatron_csd.generation import GenerationError
+
+    raise GenerationError("request 3 at step 5: the model's logits are NaN: the checkpoint is "
+                          "damaged or diverged")
+
+
+def test_trainer_and_evaluate_clis_turn_generation_error_into_one_line(monkeypatch, capsys):
+    """On-policy / eval-generate runs and evaluate: status 1, one line, no traceback."""
+    import megatron_csd.evaluation.cli as evaluate_cli
+    import megatron_csd.training.config_io as config_io
+    import megatron_csd.training.trainer as trainer
+    from megatron_csd.training.cli import main
+
+    monkeypatch.setattr(config_io, "parse_config", lambda argv: object())
+    monkeypatch.setattr(trainer, "run_training", _raise_nan)
+    assert main([]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = [line for line in err.splitlines() if line.startswith("megatron_csd: run stopped")]
+    assert err == ["megatron_csd: run stopped: request 3 at step 5: the model's logits are NaN: the "
+                   "checkpoint is damaged or diverged"], err
+    monkeypatch.setattr(evaluate_cli, "run", _raise_nan)
+    assert evaluate_cli.main(["--load", "x", "--test-file", "a=b.jsonl", "--output-dir", "o"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: request 3 at step 5: the model's logits are NaN: the checkpoint is "
+                   "damaged or diverged"], err
