@@ -113,6 +113,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_csd.generation.errors import GenerationError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
@@ -120,3 +122,7 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except GenerationError as err:  # NaN logits: a damaged or diverged checkpoint, status 1
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 1

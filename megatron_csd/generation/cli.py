@@ -8,7 +8,8 @@
 World size = TP x PP x DP; data-parallel replicas split the requests and global rank 0 writes
 OUT.jsonl (a new file: an existing one is refused). Output lines: the input's fields plus
 ``completion_ids`` (without the stopping eos), ``finish_reason`` and ``completion`` (text,
-when a tokenizer is known). Bad input exits with status 2 and a one-line message.
+when a tokenizer is known). Bad input exits with status 2 and a one-line message; NaN logits
+(a damaged or diverged checkpoint) exit with status 1 and one line, on every rank.
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megatron_csd.generation.engine import check_requests, generate
+    from megatron_csd.generation.errors import GenerationError
     from megatron_csd.generation.inputs import read_requests
     from megatron_csd.generation.loading import find_tokenizer, load_for_generation
     from megatron_csd.models.builder import check_parallel_compatible
@@ -139,12 +141,20 @@ def run(args) -> int:
     # Data-parallel replicas take contiguous slices; rank 0 collects them in order.
     per_replica = -(-len(requests) // ctx.dp_size)
     mine = requests[ctx.dp_rank * per_replica:(ctx.dp_rank + 1) * per_replica]
-    results = generate(loaded.model, mine, params, vocab_size=cfg.vocab_size,
-                       tokenizer=tokenizer, max_batch_size=args.max_batch_size) if mine else []
+    failure = None  # a GenerationError reaches every replica through the gather below
+    try:
+        results = generate(loaded.model, mine, params, vocab_size=cfg.vocab_size,
+                           tokenizer=tokenizer, max_batch_size=args.max_batch_size) if mine else []
+    except GenerationError as err:
+        where = f"data-parallel replica {ctx.dp_rank} (its own request order): " if ctx.dp_size > 1 else ""
+        results, failure = [], f"{where}{err}"
     gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, (ctx.dp_rank, ctx.tp_rank, ctx.pp_rank, results))
+    dist.all_gather_object(gathered, (ctx.dp_rank, ctx.tp_rank, ctx.pp_rank, results, failure))
+    failures = [g[4] for g in gathered if g[4] is not None]
+    if failures:
+        raise GenerationError(failures[0])
     if ctx.rank == 0:
-        ordered = [r for dp, tp, pp, part in sorted(gathered, key=lambda g: g[0])
+        ordered = [r for dp, tp, pp, part, _ in sorted(gathered, key=lambda g: g[0])
                    if tp == 0 and pp == 0 for r in part]
         _write_jsonl(args.output, records, ordered)
         print(f"generated {len(ordered)} completions -> {args.output}")
@@ -153,12 +163,18 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_csd.generation.errors import GenerationError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
+    except GenerationError as err:  # raised on every rank; one line from global rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"generate.py: error: {err}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

@@ -22,7 +22,9 @@ the request's own count of generated tokens, so a request's tokens do not depend
 batch it is in.
 With PP the last stage chooses the ids; they are broadcast from it to every stage over the
 pipeline group (the first stage needs them as the next input). Every rank stops at the same
-step (stop decisions are made from identical ids on every rank).
+step (stop decisions are made from identical ids on every rank). NaN logits (or a row with
+nothing to sample) travel in that same broadcast as a negative sentinel id (errors.py), so
+every stage raises the same GenerationError after it instead of waiting for ids that never come.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_csd.generation.errors import check_chosen
 from megatron_csd.generation.params import GenerationRequest, GenerationResult, SamplingParams
-from megatron_csd.generation.sampler import choose_tokens
+from megatron_csd.generation.sampler import choose_token_codes
 from megatron_csd.generation.stopping import StopState
 
 
@@ -115,7 +118,8 @@ def check_requests(requests, params, *, vocab_size: int, max_positions: int) -> 
 
 
 @torch.no_grad()
-def _generate_batch(model, requests, params, *, limit, tokenizer, tp_group, pp_group, vocab_start):
+def _generate_batch(model, requests, params, *, limit, tokenizer, tp_group, pp_group, vocab_start,
+                    first_request=0):
     from megatron.core import parallel_state
 
     max_positions = model.max_sequence_length
@@ -141,15 +145,20 @@ def _generate_batch(model, requests, params, *, limit, tokenizer, tp_group, pp_g
             context.enable_decode_mode()
         chosen = torch.zeros(batch, dtype=torch.int64, device=device)
         if last_stage:
-            chosen = choose_tokens(logits[:, -1, :], params, vocab_start=vocab_start, limit=limit,
-                                   seeds=[r.seed for r in requests],
-                                   steps=[s.num_generated for s in states], tp_group=tp_group)
+            chosen = choose_token_codes(logits[:, -1, :], params, vocab_start=vocab_start,
+                                        limit=limit, seeds=[r.seed for r in requests],
+                                        steps=[s.num_generated for s in states], tp_group=tp_group)
         if pp_size > 1:
             dist.broadcast(chosen, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=pp_group)
         chosen = chosen.tolist()
+        active = [end >= lengths[row] and not state.done  # else: position `end` is still prompt
+                  for row, state in enumerate(states)]
+        # a sentinel (< 0) from the last stage raises here on every rank (identical ids, states)
+        check_chosen([c if a else 0 for c, a in zip(chosen, active)], first_request=first_request,
+                     steps=[s.num_generated for s in states])
         for row, state in enumerate(states):
-            if end >= lengths[row] and not state.done:  # else: position `end` is still prompt
+            if active[row]:
                 state.add(chosen[row])
                 tokens[row, end] = chosen[row]
         start, end = end, end + 1
@@ -167,6 +176,7 @@ def generate(model, requests: list[GenerationRequest], params: SamplingParams, *
     ``params.decodable_vocab_size`` lowers that limit further (the tokenizer's size). Requests
     are processed in batches of at most `max_batch_size`, in order. Generation also ends when
     the model's maximum sequence length is reached (finish_reason "length").
+    Raises GenerationError on every rank when the model's logits are NaN (errors.py).
     """
     from megatron.core import parallel_state
 
@@ -199,7 +209,8 @@ def generate(model, requests: list[GenerationRequest], params: SamplingParams, *
             results += _generate_batch(
                 inner, requests[first:first + max_batch_size], params, limit=limit,
                 tokenizer=tokenizer, tp_group=parallel_state.get_tensor_model_parallel_group(),
-                pp_group=parallel_state.get_pipeline_model_parallel_group(), vocab_start=vocab_start)
+                pp_group=parallel_state.get_pipeline_model_parallel_group(), vocab_start=vocab_start,
+                first_request=first)
         return results
     finally:
         inner.train(was_training)

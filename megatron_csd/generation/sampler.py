@@ -19,7 +19,11 @@ of the group returns the same ids ``[b]``; no rank ever holds the whole vocabula
   * Gumbel-max: argmax of s + g with g keyed by (request seed, step, global id) (noise.py).
 - the argmax across shards: MAX all-reduce of each shard's best value, then MIN all-reduce of
   the global ids reaching it (ties go to the lowest global id, as torch.argmax / HF greedy).
-NaN logits are an error on every rank (the NaN flag travels in the MAX all-reduce).
+NaN (or +inf) logits in a row, on any shard, and a row whose every id is masked are errors on
+every rank: the row's NaN flag (0/1, never a NaN value: gloo's MAX may drop a NaN) travels in
+the MAX all-reduce, and every rank sets the row's id to the sentinel ``NAN_LOGITS`` (-1) or
+``NOTHING_SAMPLABLE`` (-2) of errors.py. ``choose_token_codes`` returns those codes (the engine
+broadcasts them over PP before raising); ``choose_tokens`` raises GenerationError at once.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_csd.generation.errors import NAN_LOGITS, NOTHING_SAMPLABLE, check_chosen
 from megatron_csd.generation.noise import gumbel_noise
 from megatron_csd.generation.params import SamplingParams
 
@@ -42,21 +47,21 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
 
 def _argmax_across_shards(values: torch.Tensor, global_ids: torch.Tensor, nan_rows: torch.Tensor,
                           group) -> torch.Tensor:
-    """Global id of the row-wise maximum of values (lowest id on ties), reduced over `group`."""
+    """Global id of the row-wise maximum of values (lowest id on ties), reduced over `group`.
+
+    Rows flagged in `nan_rows` on any rank get NAN_LOGITS; rows whose every value is -inf on
+    every rank get NOTHING_SAMPLABLE (identically on every rank: decided from reduced values).
+    """
     best = values.max(dim=-1).values
     stats = torch.stack([best, nan_rows.to(values.dtype)], dim=-1)
     _all_reduce(stats, dist.ReduceOp.MAX, group)
-    if bool((stats[:, 1] > 0).any()):
-        raise FloatingPointError("the model produced NaN logits; generation cannot continue "
-                                 "(check the checkpoint and the precision)")
-    best = stats[:, 0]
-    if bool(torch.isneginf(best).any()):
-        raise ValueError("no token can be sampled: every vocabulary id is masked")
+    best, nan_any = stats[:, 0], stats[:, 1] > 0
     big = torch.iinfo(torch.int64).max
     hits = values == best.unsqueeze(-1)
     candidates = torch.where(hits, global_ids.unsqueeze(0), torch.full_like(hits, big, dtype=torch.int64))
-    choice = candidates.min(dim=-1).values
-    return _all_reduce(choice, dist.ReduceOp.MIN, group)
+    choice = _all_reduce(candidates.min(dim=-1).values, dist.ReduceOp.MIN, group)
+    choice = choice.masked_fill(torch.isneginf(best), NOTHING_SAMPLABLE)
+    return choice.masked_fill(nan_any, NAN_LOGITS)
 
 
 def _top_k_mask(scores: torch.Tensor, k: int, group) -> torch.Tensor:
@@ -107,11 +112,22 @@ def choose_tokens(vocab_parallel_logits: torch.Tensor, params: SamplingParams, *
 
     vocab_parallel_logits: [b, V/TP], this rank's columns starting at global id `vocab_start`.
     limit: ids >= limit are never chosen. seeds / steps: per row, key the Gumbel noise.
+    Raises GenerationError (on every rank of `tp_group`) for NaN logits or nothing samplable.
     """
+    chosen = choose_token_codes(vocab_parallel_logits, params, vocab_start=vocab_start, limit=limit,
+                                seeds=seeds, steps=steps, tp_group=tp_group)
+    check_chosen(chosen.tolist(), steps=steps)
+    return chosen
+
+
+def choose_token_codes(vocab_parallel_logits: torch.Tensor, params: SamplingParams, *,
+                       vocab_start: int, limit: int, seeds: Sequence[int], steps: Sequence[int],
+                       tp_group: Optional[object]) -> torch.Tensor:
+    """choose_tokens without raising: a bad row holds NAN_LOGITS / NOTHING_SAMPLABLE (< 0)."""
     logits = vocab_parallel_logits.detach()
     width = logits.shape[-1]
     global_ids = torch.arange(vocab_start, vocab_start + width, device=logits.device)
-    nan_rows = torch.isnan(logits).any(dim=-1)
+    nan_rows = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
     scores = logits.to(torch.float64).masked_fill((global_ids >= limit).unsqueeze(0), float("-inf"))
     scores = scores.masked_fill(nan_rows.unsqueeze(-1), float("-inf"))
     if not params.greedy:

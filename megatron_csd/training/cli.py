@@ -2,7 +2,8 @@
 
 Bad configuration exits with status 2 and a one-line message (no stack trace), as do a busy
 output folder, a save dir holding another run and a damaged checkpoint; a run stopped by a
-non-finite metric or a failed checkpoint write exits with status 1 and one line; the resolved
+non-finite metric, NaN logits in generation (on-policy / eval-generate) or a failed checkpoint
+write exits with status 1 and one line; the resolved
 config, metrics and checkpoints land under ``--output-dir`` / ``--save``. Known-harmless upstream
 warnings are filtered here (``warning_filters``), not at library import. Under torchrun the
 worker exits when torchrun dies (parallel/launcher_guard.py).
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
         print(f"megatron_csd: configuration error: {err}", file=sys.stderr)
         return 2
     announce_missing_gpu_extras()
+    from megatron_csd.generation.errors import GenerationError
     from megatron_csd.training.guards import NonFiniteMetricError
     from megatron_csd.training.save_failure import CheckpointSaveError
     from megatron_csd.training.trainer import run_training
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         # says what to change; a stack trace would only hide it.
         print(f"megatron_csd: error: {err}", file=sys.stderr)
         return 2
-    except (NonFiniteMetricError, CheckpointSaveError) as err:  # every rank stops, status 1
+    except (NonFiniteMetricError, GenerationError, CheckpointSaveError) as err:  # every rank stops, status 1
         print(f"megatron_csd: run stopped: {err}", file=sys.stderr)
         return 1
     finally:
