@@ -92,7 +92,10 @@ def _body(rank, world_size, workspace):
     from megatron_csd.training.trainer import Trainer
 
     for tp in (2, 1):  # world 2: TP 2 x DP 1, then TP 1 x DP 2 (each rank checks its own batch)
-        trainer = Trainer(train_config(workspace, os.path.join(workspace["root"], f"run_tp{tp}"), tp=tp))
+        # The unfused path, whose loss_func sees the logits (the fused path's parity with it,
+        # padded vocabulary included, is tests/test_fused_output_loss*.py).
+        trainer = Trainer(train_config(workspace, os.path.join(workspace["root"], f"run_tp{tp}"), tp=tp,
+                                       loss={"objective": "fkl", "fused_output_loss": False}))
         try:
             _check_layout(trainer, tp)
         finally:
