@@ -158,9 +158,12 @@ announce_stage() {  # announce_stage WHAT "reuse|new" DIR BASE
   fi
 }
 
-embedded_default() {
-  local work="${EMBEDDED_DIR}" start=${SECONDS} code pick how data teacher_dir student_dir
-  echo "== megatron_csd embedded default: toy data -> SFT teacher -> CSD distillation at TP=2 (CPU, gloo)"
+# embedded_data_and_teacher: the embedded default's first two stages (toy data, teacher SFT) in
+# EMBEDDED_DIR, each re-used when it finished earlier with the same settings. Sets the globals
+# EMBEDDED_DATA (data dir), EMBEDDED_TEACHER (the teacher's iter_* dir) and EMBEDDED_COMMON (the
+# trainer flags every stage shares). examples/compare_objectives.sh sources this file for it.
+embedded_data_and_teacher() {
+  local work="${EMBEDDED_DIR}" code pick how data teacher_dir
   echo "== working directory: ${work} (completed stages with the same settings are re-used; nothing is deleted)"
   prepare_embedded_dir "${work}"
   # The code a stage ran with: the commit plus a checksum of uncommitted changes to the package.
@@ -197,8 +200,16 @@ embedded_default() {
     launch 2 "${teacher_args[@]}" --output-dir "${teacher_dir}"
     printf '%s\n' "teacher: code ${code}; ${teacher_args[*]}" > "${teacher_dir}/${STAGE_MARKER}"
   fi
-  local teacher
-  teacher="${teacher_dir}/checkpoints/$(cat "${teacher_dir}/checkpoints/latest")"
+  EMBEDDED_DATA="${data}"
+  EMBEDDED_TEACHER="${teacher_dir}/checkpoints/$(cat "${teacher_dir}/checkpoints/latest")"
+  EMBEDDED_COMMON=("${common[@]}")
+}
+
+embedded_default() {
+  local work="${EMBEDDED_DIR}" start=${SECONDS} pick student_dir
+  echo "== megatron_csd embedded default: toy data -> SFT teacher -> CSD distillation at TP=2 (CPU, gloo)"
+  embedded_data_and_teacher
+  local teacher="${EMBEDDED_TEACHER}" common=("${EMBEDDED_COMMON[@]}")
 
   echo "== step 2/2: CSD (TS weights) distillation into a smaller Gemma student (2 layers, hidden 64), TP=2"
   pick="$(pick_stage_dir "${work}/distill" "" none)"
@@ -214,6 +225,9 @@ embedded_default() {
     --output-dir "${student_dir}" "$@"
   echo "== embedded default finished in $((SECONDS - start)) s; teacher: ${teacher}; student run: ${student_dir}"
 }
+
+# Sourced (examples/compare_objectives.sh): the functions and defaults above only, no run.
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
 
 if [[ -z "${TEACHER}" && "${MODE}" == "distill" ]]; then
   if [[ $# -eq 0 ]] && ! has_cuda; then
