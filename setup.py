@@ -23,6 +23,7 @@ setup(
         "numpy",
         "rouge-score",  # megatron_csd.evaluation: ROUGE-L as MiniLLM / DistiLLM report it
         "sacrebleu",    # megatron_csd.evaluation: self-BLEU
+        "matplotlib",   # megatron_csd.evaluation.compare_plot: the comparison's PNG
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "tokenizers"],
