@@ -85,7 +85,10 @@ main() {
     done
   done
 
-  "${PYTHON}" -m megatron_csd.evaluation.compare --run-dir "${out}" --methods ${METHODS} --seeds ${SEEDS}
+  "${PYTHON}" -m megatron_csd.evaluation.compare --run-dir "${out}" --methods ${METHODS} --seeds ${SEEDS} \
+    --setting "teacher=${EMBEDDED_TEACHER}" --setting "student_iters=${STUDENT_ITERS}" \
+    --setting "nproc=${NPROC}" --setting "eval_prompts=${EVAL_PROMPTS}" \
+    --setting "eval_seeds=${EVAL_SEEDS}" --setting "eval_max_new_tokens=${EVAL_MAX_NEW_TOKENS}"
   echo "== compare_objectives: finished in $((SECONDS - start)) s; load: $(uptime)"
   echo "== results: ${out}/comparison.md ${out}/comparison.json ${out}/comparison.png"
 }

@@ -50,6 +50,7 @@ def test_compare_objectives_shortened_end_to_end(tmp_path):
     assert (run / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((run / "comparison.json").read_text())
     assert list(report["methods"]) == ["csd_SS"] and report["missing"] == [] and not report["partial"]
+    assert report["settings"]["student_iters"] == "2" and report["settings"]["eval_seeds"] == "10 20"
     entry = report["methods"]["csd_SS"]
     assert entry["num_seeds"] == 2 and entry["seeds"] == [1, 2]
     for name in ("exact_match", "rougeL", "distinct_2", "self_bleu", "response_loss", "gen_length"):

@@ -66,11 +66,13 @@ def _method_entry(results: Sequence[dict], seeds: Sequence[int]) -> dict:
     return {"num_seeds": len(results), "seeds": list(seeds), "metrics": metrics}
 
 
-def aggregate(run_dir: str, methods: Sequence[str], seeds: Sequence[int]) -> dict:
-    """The comparison.json tree (see the module doc and the README's "Comparison of objectives")."""
+def aggregate(run_dir: str, methods: Sequence[str], seeds: Sequence[int],
+              settings: Optional[dict] = None) -> dict:
+    """The comparison.json tree (see the module doc and the README's "Comparison of objectives");
+    ``settings``: how the students were trained and evaluated, stored as given."""
     root = Path(run_dir) / "eval"
-    out = {"run_dir": str(run_dir), "methods": {}, "missing": [], "teacher": None,
-           "std": "sample std over training seeds (ddof 1); null with one seed"}
+    out = {"run_dir": str(run_dir), "settings": dict(settings or {}), "methods": {}, "missing": [],
+           "teacher": None, "std": "sample std over training seeds (ddof 1); null with one seed"}
     for method in methods:
         if method == TEACHER:
             raise ValueError(f"'{TEACHER}' is reserved for the teacher's evaluation; rename the method")
@@ -149,11 +151,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run-dir", required=True, help="the comparison's dir (holds eval/<method>/seed<s>/)")
     p.add_argument("--methods", nargs="+", required=True, help="method names, in table order")
     p.add_argument("--seeds", nargs="+", type=int, required=True, help="training seeds")
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="recorded under comparison.json's settings (repeatable)")
     args = p.parse_args(argv)
     try:
         if not os.path.isdir(args.run_dir):
             raise ValueError(f"--run-dir {args.run_dir} is not a directory")
-        report = aggregate(args.run_dir, args.methods, args.seeds)
+        bad = [text for text in args.setting if "=" not in text]
+        if bad:
+            raise ValueError(f"--setting expects KEY=VALUE, got {bad[0]!r}")
+        settings = dict(text.split("=", 1) for text in args.setting)
+        report = aggregate(args.run_dir, args.methods, args.seeds, settings)
         written = write_report(report, args.run_dir)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

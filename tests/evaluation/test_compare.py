@@ -76,13 +76,15 @@ def test_nothing_to_compare_is_a_one_line_error(tmp_path, capsys):
 
 def test_report_files_written_and_never_overwritten(tmp_path, capsys):
     _tree(tmp_path)
-    assert main(["--run-dir", str(tmp_path), "--methods", "fkl", "csd_SS", "--seeds", "1", "2", "3"]) == 0
+    assert main(["--run-dir", str(tmp_path), "--methods", "fkl", "csd_SS", "--seeds", "1", "2", "3",
+                 "--setting", "student_iters=120", "--setting", "eval_seeds=10 20"]) == 0
     table = (tmp_path / "comparison.md").read_text()
     assert "| method | seeds | accuracy (EM %) | ROUGE-L |" in table
     fkl = [statistics.mean(_scores(0, s)["rougeL"] for s in (1, 2, 3)),
            statistics.stdev(_scores(0, s)["rougeL"] for s in (1, 2, 3))]
     assert f"{fkl[0]:.2f} ± {fkl[1]:.2f}" in table
     saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["settings"] == {"student_iters": "120", "eval_seeds": "10 20"}
     assert all(math.isfinite(saved["methods"]["csd_SS"]["metrics"][n]["std"]) for n in COMPARE_METRICS)
     png = (tmp_path / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
