@@ -32,7 +32,7 @@ def cli_args(workspace: dict, output_dir: str, *, train_iters: int = 2, save_int
     for key, value in STUDENT_OVERRIDES.items():
         args += ["--student-override", f"{key}={value}"]
     args += ["--train-iters", str(train_iters), "--global-batch-size", str(global_batch_size),
-             "--micro-batch-size", "1",
+             "--micro-batch-size", "1", "--seed", "11",  # sft_config's seed (tiny_config)
              "--seq-length", "32", "--eval-samples", "1", "--lr", "3e-3", "--lr-warmup-iters", "1",
              "--train-data", workspace["train"], "--valid-data", workspace["valid"],
              "--tokenizer", workspace["tokenizer"], "--output-dir", output_dir,
