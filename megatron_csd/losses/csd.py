@@ -44,8 +44,8 @@ import torch
 
 from .csd_moments import (SOFTMAX_COLUMN, chunk_factor_weight, combine_shards, factor_moments, row_weight_scales,
                           to_global_frame)
-from .row_ops import (ChunkWorkspace, accumulation_dtype, chunk_row_maxima, invalid_rows, nan_where_loss_is_nan_,
-                      row_chunks, safe_denominator, valid_columns, zero_empty_rows_)
+from .row_ops import (accumulation_dtype, chunk_row_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
+                      safe_denominator, valid_columns, zero_empty_rows_)
 from .vocab_shard import VocabShard
 
 _BASE_ORDER = ("S", "T", "U")
@@ -175,8 +175,8 @@ class _CSDFunction(torch.autograd.Function):
         if stored is not None and width:
             weights_store = torch.empty(rows, student.shape[1] if student.dtype == dtype else width,
                                         dtype=dtype, device=student.device)
-        workspace = ChunkWorkspace(rows, width, dtype, student.device)
-        for start, end in (row_chunks(rows, width) if width else []):
+
+        def chunk_moments(start, end, workspace):
             # Fast path: plain row maxima, no column mask. A -inf column makes its row's moments
             # inf or NaN (0 * -inf, or an infinite gap), so such rows are found afterwards and
             # redone with masked maxima; this keeps the common case at one max per input.
@@ -193,6 +193,8 @@ class _CSDFunction(torch.autograd.Function):
                 masked[start + redo] = True
                 _redo_masked_rows(workspace, zs[start:end][redo], zt[start:end][redo], spec, width,
                                   local_shifts, local, weights_store, start + redo)
+
+        for_each_chunk(rows, width, chunk_moments, dtype, student.device)
         invalid = invalid_rows(local_shifts)  # NaN / +inf input: kept out of the MAX, poisons the SUM
         local_present = (local[:, 0] > 0) & ~invalid  # rows with a valid column on this shard
 
@@ -239,8 +241,8 @@ class _CSDFunction(torch.autograd.Function):
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) * spec.scale, loss_is_nan)
         w1, w2 = spec.weights
         zs, zt = student[:, :width], teacher[:, :width]
-        workspace = ChunkWorkspace(rows, width, dtype, student.device)
-        for start, end in row_chunks(rows, width):
+
+        def chunk_grad(start, end, workspace):
             masked_rows = masked[start:end].nonzero().squeeze(-1)
             store = None if weights_store is None else _StoredChunk(weights_store[start:end, :width], fresh=False)
             gap, exps = _chunk_gap_and_exps(workspace, zs[start:end], zt[start:end], local_shifts[start:end],
@@ -252,23 +254,25 @@ class _CSDFunction(torch.autograd.Function):
                 centred = gap.sub_(m1[start:end].unsqueeze(-1))
                 row_factor = (2 * scale1).unsqueeze(-1) * coeff
                 if weight1 is None:
-                    chunk_grad = torch.mul(centred, row_factor, out=out)
+                    result = torch.mul(centred, row_factor, out=out)
                 else:  # weight1 may be the stored chunk, which may also be `out`
-                    chunk_grad = torch.mul(weight1, centred, out=out if out is not None else weight1)
-                    chunk_grad.mul_(row_factor)
+                    result = torch.mul(weight1, centred, out=out if out is not None else weight1)
+                    result.mul_(row_factor)
             else:  # scale * (w1 (d - m2) + w2 (d - m1))
                 weight2, scale2 = chunk_factor_weight(w2, exps, scales, start, end)
-                first = gap - m2[start:end].unsqueeze(-1)
+                first = torch.sub(gap, m2[start:end].unsqueeze(-1), out=workspace.buffer("centred", end - start))
+                first.mul_(scale1.unsqueeze(-1) * coeff)
                 if weight1 is not None:
                     first.mul_(weight1)
-                first.mul_((scale1.unsqueeze(-1) * coeff))
-                second = gap.sub_(m1[start:end].unsqueeze(-1))
-                if weight2 is not None:
-                    second.mul_(weight2)
-                second.mul_(scale2.unsqueeze(-1) * coeff)
-                chunk_grad = torch.add(first, second, out=out)
+                second = gap.sub_(m1[start:end].unsqueeze(-1)).mul_(scale2.unsqueeze(-1) * coeff)
+                if weight2 is None:
+                    result = torch.add(first, second, out=out)
+                else:  # weight2 may be `out` (the stored chunk): it is read before it is written
+                    result = torch.addcmul(first, second, weight2, out=out)
             if out is None:
-                grad[start:end, :width] = chunk_grad
+                grad[start:end, :width] = result
+
+        for_each_chunk(rows, width, chunk_grad, dtype, student.device)
         return grad, None, None, None
 
 

@@ -4,36 +4,47 @@ p = softmax(zt / tau) (teacher), q = softmax(zs / tau) (student), both over the 
 vocabulary; no tau^2 factor. Each objective is a sum over the vocabulary of an elementwise term
 f(p, q); its gradient through q's softmax is
 
-    dL/dzs[k] = (h[k] - q[k] * sum_x h[x]) / tau,      h = q * df/dq
+    dL/dzs[k] = (h[k] - q[k] * sum_x h[x]) / tau = q[k] (s[k] - sum_x q[x] s[x]) / tau,   h = q s
 
     fkl   KL(p||q)                        f = p (log p - log q)            h = -p
-    rkl   KL(q||p)                        f = q (log q - log p)            h = q (log q - log p + 1)
-    jsd   b KL(p||m) + (1-b) KL(q||m),    m = b p + (1-b) q,               h = (1-b) q (log q - log m)
-    skl   KL(p||m),                       m = a p + (1-a) q,               h = -(1-a) p q / m
-    srkl  KL(q||m),                       m = a q + (1-a) p,               h = q (log q - log m + 1) - a q^2 / m
-    tvd   1/2 sum |p - q|                 f = |p - q| / 2                  h = q sign(q - p) / 2
+    rkl   KL(q||p)                        f = q (log q - log p)            s = log q - log p + 1
+    jsd   b KL(p||m) + (1-b) KL(q||m),    m = b p + (1-b) q,               s = (1-b) (log q - log m)
+    skl   KL(p||m),                       m = a p + (1-a) q,               s = -(1-a) p / m
+    srkl  KL(q||m),                       m = a q + (1-a) p,               s = log q - log m + 1 - a q / m
+    tvd   1/2 sum |p - q|                 f = |p - q| / 2                  s = sign(q - p) / 2
 
-Logs are taken from the logits (log p = zt/tau - logsumexp), and log m by logaddexp, so columns
-whose probability underflows never produce inf * 0.
+Logs of p and q come from the logits (log q = a_s - c_s in each row's local frame, see
+divergence_passes.py), never from log(exp(.)), and log m = log(max(m, tiny)).
 
-Passes and collectives (tensor-parallel group): pass 1 streams the logits once for the local
-maxima and the softmax normalisers in the local-max frame; one MAX all-reduce of [max zs, max zt]
-per token, after which the normalisers are rescaled exactly by exp((max_local - max) / tau); one
-SUM all-reduce of [Z_s, Z_t]; pass 2 computes the terms; one SUM all-reduce of [sum f, sum h].
-A row with NaN / +inf input (row_ops) is left out of the MAX and its [sum f, sum h] becomes NaN
-before the last SUM, so its loss and gradient are NaN on every rank.
-Backward needs no communication: it recomputes p, q and h chunk by chunk. Statistics are fp32
-(fp64 for fp64 logits) whatever the input dtype.
+Passes (row chunks that stay in cache) and collectives (tensor-parallel group):
+  pass 1 streams both inputs once: local maxima sh, e_s = exp(a_s) written into the buffer that
+    becomes the gradient, Z_s = sum e_s, Z_t = sum e_t and, for fkl / rkl, the local moment
+    D = sum e_t (a_t - a_s) (fkl) or sum e_s (a_s - a_t) (rkl);
+  MAX all-reduce of [max zs, max zt] ([tokens, 2]); every local statistic moves to the global
+    frame exactly (times exp((sh - max) / tau) <= 1); SUM all-reduce of [Z_s, Z_t];
+  fkl / rkl: the loss is a per-row function of the moments; per shard k (P_k, Q_k its mass under
+    p, q):  fkl_k = D_k / Z_t + P_k (c_s - c_t),   rkl_k = D_k / Z_s + Q_k (c_t - c_s);
+  tvd / jsd / skl / srkl: pass 2 normalises the buffer to q, recomputes p (one exp) and log m
+    (one log), sums f and h = q s, and leaves s in the buffer (tvd: q);
+  SUM all-reduce of the per-row [loss, sum h] shards.
+A row with NaN / +inf input (row_ops) is left out of the MAX and its last SUM slot becomes NaN,
+so its loss and gradient are NaN on every rank.
+Backward, no communication, one pass: fkl q - p (one exp for p); rkl from the buffer and the
+logits (no exp); tvd recomputes p (one exp); jsd / skl / srkl recompute q (one exp). Memory: the
+one fp32 [tokens, V_local] buffer (the gradient itself for fp32 logits) plus chunk-sized scratch.
+A second backward through the same graph (retain_graph) recomputes the buffer. Statistics are
+fp32 (fp64 for fp64 logits) whatever the input dtype.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .row_ops import (accumulation_dtype, chunk_row_maxima, finish_maxima, invalid_rows, nan_where_loss_is_nan_,
-                      row_chunks, safe_denominator, valid_columns, zero_empty_rows_)
+from .divergence_passes import (ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
+                                student_probs, teacher_probs)
+from .row_ops import (accumulation_dtype, finish_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
+                      safe_denominator, zero_empty_rows_)
 from .vocab_shard import VocabShard
 
 KL_FAMILY = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
@@ -47,62 +58,49 @@ class DivergenceSpec:
     beta: float
 
 
-def _log_mixture(first_share, log_first, log_second):
-    """log(a * exp(log_first) + (1 - a) * exp(log_second)) without overflow or log(0) traps."""
-    log_a = math.log(first_share) if first_share > 0 else float("-inf")
-    log_b = math.log1p(-first_share) if first_share < 1 else float("-inf")
-    return torch.logaddexp(log_first + log_a, log_second + log_b)
+def _first_pass(zs, zt, store, spec):
+    """Pass 1 over every chunk: (local shifts [rows, 2], stats [rows, 3], masked [rows] bool)."""
+    rows, dtype = zs.shape[0], store.dtype
+    shifts = torch.zeros(rows, 2, dtype=dtype, device=zs.device)
+    stats = torch.zeros(rows, 3, dtype=dtype, device=zs.device)
+    masked = torch.zeros(rows, dtype=torch.bool, device=zs.device)
+
+    def chunk(start, end, workspace):
+        shifts[start:end, 0] = zs[start:end].amax(-1)
+        shifts[start:end, 1] = zt[start:end].amax(-1)
+        stats[start:end] = first_pass_chunk(workspace, zs[start:end], zt[start:end], shifts[start:end],
+                                            store[start:end], spec.objective, spec.temperature)
+        redo = (~torch.isfinite(stats[start:end]).all(-1)).nonzero().squeeze(-1)
+        if redo.numel():
+            ids = start + redo
+            masked[ids] = True
+            e_s = torch.empty(ids.numel(), zs.shape[1], dtype=dtype, device=zs.device)
+            shifts[ids], stats[ids] = redo_masked_rows(workspace, zs[ids], zt[ids], e_s, spec.objective,
+                                                       spec.temperature)
+            store[ids] = e_s
+
+    for_each_chunk(rows, zs.shape[1], chunk, dtype, zs.device)
+    return shifts, stats, masked
 
 
-def _terms(spec: DivergenceSpec, log_p, log_q):
-    """Elementwise f, h (see module docstring) and q on one chunk; log_p may be overwritten."""
-    q = log_q.exp()
-    name = spec.objective
-    if name == "fkl":
-        p = log_p.exp()
-        return p * (log_p - log_q), p.neg_(), q
-    if name == "rkl":
-        log_ratio = log_q - log_p
-        f = q * log_ratio
-        return f, log_ratio.add_(1).mul_(q), q
-    if name == "jsd":
-        beta = spec.beta
-        p = log_p.exp()
-        log_m = _log_mixture(beta, log_p, log_q)
-        q_term = q * (log_q - log_m)
-        return p.mul_(log_p.sub_(log_m)).mul_(beta).add_(q_term, alpha=1 - beta), q_term.mul_(1 - beta), q
-    if name == "skl":
-        log_m = _log_mixture(spec.skew, log_p, log_q)
-        f = log_p.exp() * (log_p - log_m)
-        return f, log_p.add_(log_q).sub_(log_m).exp_().mul_(-(1 - spec.skew)), q
-    if name == "srkl":
-        log_m = _log_mixture(spec.skew, log_q, log_p)
-        log_ratio = log_q - log_m
-        f = q * log_ratio
-        h = log_ratio.add_(1).mul_(q).sub_((2 * log_q - log_m).exp_().mul_(spec.skew))
-        return f, h, q
-    if name == "tvd":
-        diff = q - log_p.exp_()
-        return diff.abs().mul_(0.5), torch.sign(diff).mul_(q).mul_(0.5), q
-    raise AssertionError(f"unhandled objective {name}")
+def _normalisers(shifts, stats, shard, temperature):
+    """MAX and SUM all-reduces: per row (present, empty, invalid, rescaled local stats, Z, c, r).
 
-
-def _chunk_log_probs(zs, zt, maxima, log_norms, temperature, masked_rows):
-    """log q, log p on a chunk (fp32); invalid columns of masked rows become -inf."""
-    log_q = (zs - maxima[:, 0:1]).div_(temperature).sub_(log_norms[:, 0:1])
-    log_p = (zt - maxima[:, 1:2]).div_(temperature).sub_(log_norms[:, 1:2])
-    if masked_rows.numel():
-        valid = valid_columns(zs[masked_rows], zt[masked_rows])
-        log_q[masked_rows] = torch.where(valid, log_q[masked_rows], float("-inf"))
-        log_p[masked_rows] = torch.where(valid, log_p[masked_rows], float("-inf"))
-    return log_p, log_q
-
-
-def _zero_invalid(tensor, zs, zt, masked_rows):
-    if masked_rows.numel():
-        valid = valid_columns(zs[masked_rows], zt[masked_rows])
-        tensor[masked_rows] = torch.where(valid, tensor[masked_rows], 0.0)
-    return tensor
+    c = [c_s, c_t]: log-normalisers in the row's local frame (log q = a_s - c_s); r = exp(-c) (0
+    where this rank holds no valid column of the row), so that q = e_s * r_s."""
+    invalid = invalid_rows(shifts)  # NaN / +inf input: kept out of the MAX, poisons the last SUM
+    present = (stats[:, 0] > 0) & ~invalid
+    maxima = torch.where(present.unsqueeze(-1), shifts, torch.full_like(shifts, float("-inf")))
+    shard.all_reduce_max(maxima)
+    empty = finish_maxima(maxima)
+    log_rescale = (shifts - maxima) / temperature
+    rescale = torch.where(present.unsqueeze(-1), log_rescale.exp(), torch.zeros_like(log_rescale))
+    local = stats[:, :2] * rescale
+    totals = shard.all_reduce_sum(local.clone())
+    safe = safe_denominator(totals)
+    offsets = torch.where(present.unsqueeze(-1), safe.log() - log_rescale, torch.zeros_like(safe))
+    scales = torch.where(present.unsqueeze(-1), rescale / safe, torch.zeros_like(safe))
+    return invalid, present, empty, local, safe, offsets, scales
 
 
 class _DivergenceFunction(torch.autograd.Function):
@@ -111,66 +109,100 @@ class _DivergenceFunction(torch.autograd.Function):
         rows, width = student.shape[0], shard.valid_width
         dtype = accumulation_dtype(student.dtype)
         zs, zt = student[:, :width], teacher[:, :width]
-        tau = spec.temperature
-        # Pass 1: per-row local maxima and softmax normalisers in the local-max frame.
-        local_shifts = torch.zeros(rows, 2, dtype=dtype, device=student.device)
-        norms = torch.zeros(rows, 2, dtype=dtype, device=student.device)
-        masked = torch.zeros(rows, dtype=torch.bool, device=student.device)
-        zero_log_norms = torch.zeros_like(norms)
-        chunks = list(row_chunks(rows, width)) if width else []
-        for start, end in chunks:
-            chunk_maxima, masked_rows = chunk_row_maxima(zs[start:end], zt[start:end], dtype)
-            masked[start + masked_rows] = True
-            local_shifts[start:end] = chunk_maxima
-            finite_shifts = chunk_maxima.masked_fill(chunk_maxima == float("-inf"), 0.0)
-            log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], finite_shifts,
-                                            zero_log_norms[start:end], tau, masked_rows)
-            norms[start:end, 0] = log_q.exp_().sum(-1)
-            norms[start:end, 1] = log_p.exp_().sum(-1)
-        invalid = invalid_rows(local_shifts)  # NaN / +inf input: kept out of the MAX, poisons the SUM
-        maxima = local_shifts.masked_fill(invalid.unsqueeze(-1), float("-inf"))
-        shard.all_reduce_max(maxima)
-        empty = finish_maxima(maxima)
-        # exp((z - max_loc) / tau) -> exp((z - max) / tau): scale by exp((max_loc - max) / tau) <= 1.
-        rescale = ((local_shifts - maxima) / tau).exp_().nan_to_num_(0.0)
-        norms.mul_(torch.where(local_shifts == float("-inf"), torch.zeros_like(rescale), rescale))
-        shard.all_reduce_sum(norms)
-        log_norms = safe_denominator(norms).log_()
+        in_place = student.dtype == dtype  # the buffer becomes the gradient
+        store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
+        shifts, stats, masked = _first_pass(zs, zt, store[:, :width], spec)
+        invalid, present, empty, local, totals, offsets, scales = _normalisers(shifts, stats, shard, spec.temperature)
+        sums = torch.zeros(rows, 2, dtype=dtype, device=student.device)  # this shard's [loss, sum h]
+        if spec.objective in ONE_PASS:
+            weight = 1 if spec.objective == "fkl" else 0  # D is weighted by e_t (fkl) or e_s (rkl)
+            mass = local[:, weight] / totals[:, weight]
+            log_gap = offsets[:, 0] - offsets[:, 1] if weight else offsets[:, 1] - offsets[:, 0]
+            sums[:, 0] = torch.where(present, scales[:, weight] * stats[:, 2] + mass * log_gap, 0.0)
+        else:
+            def second_pass(start, end, workspace):
+                chunk = store[start:end, :width].mul_(scales[start:end, 0:1])  # e_s -> q
+                sums[start:end] = second_pass_chunk(workspace, zs[start:end], zt[start:end], shifts[start:end],
+                                                    offsets[start:end], chunk, spec,
+                                                    masked[start:end].nonzero().squeeze(-1))
 
-        sums = torch.zeros(rows, 2, dtype=maxima.dtype, device=student.device)  # [sum f, sum h]
-        for start, end in chunks:
-            masked_rows = masked[start:end].nonzero().squeeze(-1)
-            log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], maxima[start:end],
-                                            log_norms[start:end], tau, masked_rows)
-            f, h, _ = _terms(spec, log_p, log_q)
-            sums[start:end, 0] = _zero_invalid(f, zs[start:end], zt[start:end], masked_rows).sum(-1)
-            sums[start:end, 1] = _zero_invalid(h, zs[start:end], zt[start:end], masked_rows).sum(-1)
+            for_each_chunk(rows, width, second_pass, dtype, student.device)
+            sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         sums[invalid] = float("nan")
         shard.all_reduce_sum(sums)
         zero_empty_rows_(sums, empty)
-
-        ctx.save_for_backward(student, teacher, maxima, masked, log_norms, sums[:, 1].clone(), sums[:, 0].isnan())
-        ctx.spec, ctx.shard = spec, shard
-        return sums[:, 0].clone()
+        loss = sums[:, 0].clone()
+        ctx.save_for_backward(student, teacher, shifts, offsets, scales, masked, sums[:, 1].clone(), loss)
+        ctx.spec, ctx.shard, ctx.store = spec, shard, store
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        student, teacher, maxima, masked, log_norms, h_total, loss_is_nan = ctx.saved_tensors
+        student, teacher, shifts, offsets, scales, masked, h_total, loss = ctx.saved_tensors
         spec, shard = ctx.spec, ctx.shard
+        store, ctx.store = ctx.store, None  # consumed: a second backward recomputes it
         rows, width = student.shape[0], shard.valid_width
-        grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
+        dtype, tau = shifts.dtype, spec.temperature
+        in_place = store is not None and store.shape == student.shape
+        grad = store if in_place else torch.empty_like(student, memory_format=torch.contiguous_format)
+        if width < student.shape[1]:
+            grad[:, width:] = 0
+        if width == 0:
+            return grad, None, None, None
+        if store is None:
+            store = _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, width)
+        row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) / tau, loss.isnan())
         zs, zt = student[:, :width], teacher[:, :width]
-        row_coeff = nan_where_loss_is_nan_(grad_loss.to(maxima.dtype) / spec.temperature, loss_is_nan)
-        for start, end in (row_chunks(rows, width) if width else []):
-            masked_rows = masked[start:end].nonzero().squeeze(-1)
-            log_p, log_q = _chunk_log_probs(zs[start:end], zt[start:end], maxima[start:end],
-                                            log_norms[start:end], spec.temperature, masked_rows)
-            _, h, q = _terms(spec, log_p, log_q)
-            chunk_grad = h.sub_(q.mul_(h_total[start:end].unsqueeze(-1)))
-            chunk_grad = _zero_invalid(chunk_grad, zs[start:end], zt[start:end], masked_rows)
-            grad[start:end, :width] = chunk_grad.mul_(row_coeff[start:end].unsqueeze(-1))
+
+        def chunk_grad(start, end, workspace):
+            chunk_rows = masked[start:end].nonzero().squeeze(-1)
+            args = (workspace, zs[start:end], zt[start:end], shifts[start:end], offsets[start:end])
+            coeff = row_coeff[start:end].unsqueeze(-1)
+            buffer = store[start:end, :width]
+            if spec.objective == "fkl":  # (q - p) / tau; the buffer holds e_s
+                p = teacher_probs(*args, tau, chunk_rows)
+                chunk = buffer.mul_(scales[start:end, 0:1]).sub_(p).mul_(coeff)
+            elif spec.objective == "rkl":  # q (log q - log p - rkl) / tau; the buffer holds e_s
+                log_ratio = torch.sub(zs[start:end], zt[start:end], out=workspace.buffer("a_s", end - start))
+                constant = (shifts[start:end, 1] - shifts[start:end, 0]) + tau * (
+                    offsets[start:end, 1] - offsets[start:end, 0] - loss[start:end])
+                log_ratio.add_(constant.unsqueeze(-1))
+                factor = scales[start:end, 0:1] * coeff / tau
+                chunk = mask_rows_(buffer.mul_(log_ratio), zs[start:end], zt[start:end], chunk_rows).mul_(factor)
+            elif spec.objective == "tvd":  # q (sign(q - p) / 2 - H) / tau; the buffer holds q
+                p = teacher_probs(*args, tau, chunk_rows)
+                sign = torch.sub(buffer, p, out=p).sign_().mul_(0.5).sub_(h_total[start:end].unsqueeze(-1))
+                chunk = buffer.mul_(sign).mul_(coeff)
+            else:  # q (s - H) / tau; the buffer holds s
+                q = student_probs(*args, tau, chunk_rows, workspace.buffer("e_t", end - start))
+                chunk = buffer.sub_(h_total[start:end].unsqueeze(-1)).mul_(q).mul_(coeff)
+            if not in_place:
+                grad[start:end, :width] = chunk
+
+        for_each_chunk(rows, width, chunk_grad, dtype, student.device)
         return grad, None, None, None
+
+
+def _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, width):
+    """The buffer as the forward left it, for a second backward (retain_graph)."""
+    dtype = shifts.dtype
+    zs, zt = student[:, :width], teacher[:, :width]
+    store = torch.empty(student.shape[0], width, dtype=dtype, device=student.device)
+
+    def chunk_store(start, end, workspace):
+        chunk_rows = masked[start:end].nonzero().squeeze(-1)
+        args = (workspace, zs[start:end], zt[start:end], shifts[start:end], offsets[start:end])
+        chunk = store[start:end]
+        # e_s exactly as pass 1 wrote it, then (tvd, jsd, skl, srkl) q and s exactly as pass 2 did
+        student_probs(*args[:4], torch.zeros_like(offsets[start:end]), spec.temperature, chunk_rows, chunk)
+        if spec.objective not in ONE_PASS:
+            chunk.mul_(scales[start:end, 0:1])
+            if spec.objective != "tvd":
+                second_pass_chunk(*args, chunk, spec, chunk_rows)
+
+    for_each_chunk(student.shape[0], width, chunk_store, dtype, student.device)
+    return store
 
 
 def divergence_loss(student, teacher, spec: DivergenceSpec, shard: VocabShard) -> torch.Tensor:

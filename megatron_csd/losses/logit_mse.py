@@ -3,66 +3,85 @@
 Raw logits (no temperature, no shift). The mean runs over the real, unmasked vocabulary of each
 token, so a column that is -inf in either input counts like padding.
 Gradient: dL/dzs[k] = scale * (zs[k] - zt[k]) / |V_valid|.
+
+One pass (row chunks, for_each_chunk): the gap d = zs - zt is written into the fp32 buffer that
+the backward turns into the gradient in place (one multiply by the per-row factor), and
+sum d^2 is taken from the cache-resident chunk. Masked columns are not searched for: a -inf in
+either input makes the row's sum d^2 non-finite (as do NaN and +inf), and only such rows are
+redone with the column mask and the row maxima (which tell NaN / +inf input apart).
 Collectives: one SUM all-reduce of [sum d^2, |V_valid|] per token; backward needs none.
 NaN / +inf input (row_ops): the row's sum d^2 becomes NaN before the SUM, so its loss and
-gradient are NaN on every rank.
+gradient are NaN on every rank. A second backward through the same graph recomputes the gap.
 """
 from __future__ import annotations
 
 import torch
 
-from .row_ops import (accumulation_dtype, invalid_rows, local_row_maxima, nan_where_loss_is_nan_, row_chunks,
+from .row_ops import (accumulation_dtype, chunk_row_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
                       safe_denominator, valid_columns)
 from .vocab_shard import VocabShard
 
 
-def _chunk_gap(zs, zt, masked_rows):
-    accumulate = accumulation_dtype(zs.dtype)
-    gap = zs.to(accumulate) - zt.to(accumulate)
-    count = torch.full_like(gap[:, 0], float(gap.shape[1]))
-    if masked_rows.numel():
-        valid = valid_columns(zs[masked_rows], zt[masked_rows])
-        gap[masked_rows] = torch.where(valid, gap[masked_rows], 0.0)
-        count[masked_rows] = valid.sum(-1, dtype=accumulate)
-    return gap, count
+def _gap_pass(zs, zt, gap_store, sums, masked):
+    """Writes d into `gap_store` ([rows, width], 0 on masked columns) and [sum d^2, count] into sums."""
+    width = zs.shape[1]
 
+    def chunk(start, end, workspace):
+        if zs.dtype == gap_store.dtype:
+            gap = torch.sub(zs[start:end], zt[start:end], out=gap_store[start:end])
+        else:  # bf16 / fp16: subtract in fp32 (a bf16 - bf16 op would round the gap to bf16)
+            gap = gap_store[start:end].copy_(zs[start:end]).sub_(zt[start:end])
+        squares = torch.mul(gap, gap, out=workspace.buffer("squares", end - start))
+        sums[start:end, 0] = squares.sum(-1)
+        sums[start:end, 1] = float(width)
+        redo = (~torch.isfinite(sums[start:end, 0])).nonzero().squeeze(-1)
+        if redo.numel():
+            ids = start + redo
+            maxima, _ = chunk_row_maxima(zs[ids], zt[ids], gap_store.dtype)
+            valid = valid_columns(zs[ids], zt[ids])
+            masked_gap = torch.where(valid, gap_store[ids], 0.0)
+            gap_store[ids] = masked_gap
+            masked[ids] = True
+            sums[ids, 0] = torch.where(invalid_rows(maxima), float("nan"), (masked_gap * masked_gap).sum(-1))
+            sums[ids, 1] = valid.sum(-1, dtype=sums.dtype)
 
-def _masked_and_invalid_rows(zs, zt):
-    # Only the row flags are needed here; the maxima come along from the same pass.
-    maxima, masked = local_row_maxima(zs, zt)
-    return masked, invalid_rows(maxima)
+    for_each_chunk(zs.shape[0], width, chunk, gap_store.dtype, zs.device)
 
 
 class _LogitMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, scale: float, shard: VocabShard):
         rows, width = student.shape[0], shard.valid_width
+        dtype = accumulation_dtype(student.dtype)
         zs, zt = student[:, :width], teacher[:, :width]
-        masked, invalid = _masked_and_invalid_rows(zs, zt)
-        sums = torch.zeros(rows, 2, dtype=accumulation_dtype(student.dtype), device=student.device)  # [sum d^2, count]
-        for start, end in (row_chunks(rows, width) if width else []):
-            gap, count = _chunk_gap(zs[start:end], zt[start:end], masked[start:end].nonzero().squeeze(-1))
-            sums[start:end, 0] = torch.bmm(gap.unsqueeze(1), gap.unsqueeze(2)).view(-1)
-            sums[start:end, 1] = count
-        sums[invalid, 0] = float("nan")  # +inf would give an inf loss: invalid input is NaN
+        in_place = student.dtype == dtype  # the gap buffer becomes the gradient
+        store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
+        sums = torch.zeros(rows, 2, dtype=dtype, device=student.device)  # [sum d^2, count]
+        masked = torch.zeros(rows, dtype=torch.bool, device=student.device)
+        _gap_pass(zs, zt, store[:, :width], sums, masked)
         shard.all_reduce_sum(sums)
         count = safe_denominator(sums[:, 1])
         loss = sums[:, 0] * (0.5 * scale) / count
-        ctx.save_for_backward(student, teacher, masked, count, loss.isnan())
-        ctx.scale, ctx.shard = scale, shard
+        ctx.save_for_backward(student, teacher, count, loss.isnan())
+        ctx.scale, ctx.shard, ctx.store = scale, shard, store
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        student, teacher, masked, count, loss_is_nan = ctx.saved_tensors
-        rows, width = student.shape[0], ctx.shard.valid_width
-        grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
+        student, teacher, count, loss_is_nan = ctx.saved_tensors
+        store, ctx.store = ctx.store, None  # consumed: a second backward recomputes it
+        width = ctx.shard.valid_width
+        if store is None:
+            store = torch.empty(student.shape[0], width, dtype=count.dtype, device=student.device)
+            _gap_pass(student[:, :width], teacher[:, :width], store, torch.zeros_like(store[:, :2]),
+                      torch.zeros(student.shape[0], dtype=torch.bool, device=student.device))
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(count.dtype) * ctx.scale / count, loss_is_nan)
-        zs, zt = student[:, :width], teacher[:, :width]
-        for start, end in (row_chunks(rows, width) if width else []):
-            gap, _ = _chunk_gap(zs[start:end], zt[start:end], masked[start:end].nonzero().squeeze(-1))
-            grad[start:end, :width] = gap.mul_(row_coeff[start:end].unsqueeze(-1))
+        if store.shape == student.shape:
+            store[:, width:] = 0
+            return store.mul_(row_coeff.unsqueeze(-1)), None, None, None
+        grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
+        grad[:, :width] = store.mul_(row_coeff.unsqueeze(-1))
         return grad, None, None, None
 
 
