@@ -81,18 +81,23 @@ def log_probs(workspace, name, logits, shift, offset, temperature, rows):
     return out.sub_(offset.unsqueeze(-1))
 
 
-def second_pass_chunk(workspace, zs, zt, shifts, offsets, store, spec, masked_rows):
-    """Pass 2 (tvd, jsd, skl, srkl) on one chunk; returns [rows, 2] = [sum f, sum h].
+H_SCALE = {"jsd": lambda spec: 1 - spec.beta, "skl": lambda spec: -(1 - spec.skew), "srkl": lambda spec: 1.0,
+           "tvd": lambda spec: 1.0}
+"""h = H_SCALE * h' where h' is what pass 2 leaves in the buffer (tvd: see second_pass_chunk)."""
 
-    On entry `store` holds q (normalised student softmax; 0 on masked columns). Each objective's
-    gradient is h - q * sum h with h = q * s; `store` leaves holding s (jsd / skl / srkl) or still q
-    (tvd: s = sign(q - p) / 2 cannot be told from q * s where q = p, so its backward recomputes p).
-    log m (m the mixture) is log(max(m, tiny)): where m underflows, p and q are below `tiny` too
-    and their terms vanish either way, without log(0) = -inf meeting a zero weight.
+
+def second_pass_chunk(workspace, zs, zt, shifts, offsets, store, spec, masked_rows):
+    """Pass 2 (tvd, jsd, skl, srkl) on one chunk; returns [rows, 2] = [sum f, sum h'].
+
+    On entry `store` holds q (normalised student softmax; 0 on masked columns). It leaves holding
+    h' = h / H_SCALE (jsd: q (log q - log m); skl: p q / m; srkl: q (log q - log m + 1 - a q / m)),
+    so that the gradient is H_SCALE * (h' - q * sum h') / tau; tvd keeps q (s = sign(q - p) / 2
+    cannot be recovered from q * s where q = p, so its backward recomputes p).
+    log m is log(max(m, tiny)): where m underflows, p and q are below `tiny` too and their terms
+    vanish either way, without log(0) = -inf meeting a zero weight.
     """
     rows = zs.shape[0]
     q = store
-    log_q = log_probs(workspace, "a_s", zs, shifts[:, 0], offsets[:, 0], spec.temperature, rows)
     log_p = log_probs(workspace, "a_t", zt, shifts[:, 1], offsets[:, 1], spec.temperature, rows)
     p = torch.exp(log_p, out=workspace.buffer("e_t", rows))
     name = spec.objective
@@ -103,26 +108,29 @@ def second_pass_chunk(workspace, zs, zt, shifts, offsets, store, spec, masked_ro
         out[:, 1] = 0.5 * torch.linalg.vecdot(q, sign)
         out[:, 0] = 0.5 * _mask_rows_(diff.abs_(), zs, zt, masked_rows).sum(-1)
         return out
-    tiny = torch.finfo(q.dtype).tiny
     share = spec.beta if name == "jsd" else spec.skew  # the first distribution's share of m
-    first, second = (q, p) if name == "srkl" else (p, q)  # m = share * first + (1 - share) * second
-    mixture = torch.mul(first, share, out=workspace.buffer("term", rows)).add_(second, alpha=1 - share)
-    log_m = torch.log(mixture.clamp_min_(tiny), out=workspace.buffer("log_m", rows))
-    if name == "jsd":  # f = b p (log p - log m) + (1 - b) q (log q - log m);  s = (1 - b)(log q - log m)
-        f = log_p.sub_(log_m).mul_(p).mul_(share)
-        s = log_q.sub_(log_m).mul_(1 - share)
-        f.addcmul_(q, s)
-    elif name == "skl":  # f = p (log p - log m);  s = -(1 - a) p / m
-        f = log_p.sub_(log_m).mul_(p)
-        s = p.div_(mixture).mul_(-(1 - share))
-    else:  # srkl: f = q (log q - log m);  s = log q - log m + 1 - a q / m
-        log_ratio = log_q.sub_(log_m)
-        f = torch.mul(q, log_ratio, out=workspace.buffer("e_t", rows))
-        s = log_ratio.add_(1.0).sub_(torch.div(q, mixture, out=mixture), alpha=share)
-    _mask_rows_(s, zs, zt, masked_rows)
-    out[:, 0] = _mask_rows_(f, zs, zt, masked_rows).sum(-1)
-    out[:, 1] = torch.linalg.vecdot(q, s)
-    store.copy_(s)
+    # m = share * first + (1 - share) * second = lerp(second, first, share)
+    first, second = (q, p) if name == "srkl" else (p, q)
+    mixture = torch.lerp(second, first, share, out=workspace.buffer("term", rows)).clamp_min_(torch.finfo(q.dtype).tiny)
+    log_m = torch.log(mixture, out=workspace.buffer("log_m", rows))
+    if name in ("jsd", "skl"):  # sum p (log p - log m)
+        teacher_term = torch.linalg.vecdot(p, _mask_rows_(log_p.sub_(log_m), zs, zt, masked_rows))
+    if name == "skl":  # f = p (log p - log m);  h' = p q / m
+        out[:, 0] = teacher_term
+        store.mul_(p).div_(mixture)
+    else:
+        log_q = log_probs(workspace, "a_s", zs, shifts[:, 0], offsets[:, 0], spec.temperature, rows)
+        log_ratio = _mask_rows_(log_q.sub_(log_m), zs, zt, masked_rows)  # log q - log m
+        if name == "jsd":  # f = b p (log p - log m) + (1 - b) q (log q - log m);  h' = q (log q - log m)
+            store.mul_(log_ratio)
+        else:  # srkl: f = q (log q - log m);  h' = q (log q - log m + 1 - a q / m)
+            out[:, 0] = torch.linalg.vecdot(q, log_ratio)
+            log_ratio.add_(1.0).sub_(torch.div(q, mixture, out=mixture), alpha=share)
+            store.mul_(log_ratio)
+    _mask_rows_(store, zs, zt, masked_rows)
+    out[:, 1] = store.sum(-1)
+    if name == "jsd":
+        out[:, 0] = share * teacher_term + (1 - share) * out[:, 1]
     return out
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .divergence_passes import (ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
+from .divergence_passes import (H_SCALE, ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
                                 student_probs, teacher_probs)
 from .row_ops import (accumulation_dtype, finish_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
                       safe_denominator, zero_empty_rows_)
@@ -174,9 +174,10 @@ class _DivergenceFunction(torch.autograd.Function):
                 p = teacher_probs(*args, tau, chunk_rows)
                 sign = torch.sub(buffer, p, out=p).sign_().mul_(0.5).sub_(h_total[start:end].unsqueeze(-1))
                 chunk = buffer.mul_(sign).mul_(coeff)
-            else:  # q (s - H) / tau; the buffer holds s
+            else:  # H_SCALE (h' - q sum h') / tau; the buffer holds h'
                 q = student_probs(*args, tau, chunk_rows, workspace.buffer("e_t", end - start))
-                chunk = buffer.sub_(h_total[start:end].unsqueeze(-1)).mul_(q).mul_(coeff)
+                q.mul_(h_total[start:end].unsqueeze(-1))
+                chunk = buffer.sub_(q).mul_(coeff * H_SCALE[spec.objective](spec))
             if not in_place:
                 grad[start:end, :width] = chunk
 
