@@ -20,6 +20,14 @@ shard with barriers around every run. The V sweep times CSD SS at growing V to s
     python tools/bench_loss.py --quick         # smaller and faster, for a smoke test
     python tools/bench_loss.py --fused --tokens 8192 --vocab 256000 --tp 2 --json F
                                                # fused output layer + loss (tools/bench_fused.py)
+    python tools/bench_loss.py --threads 2 --compete 2 --loop openmp
+                                               # a loaded machine: 2 busy processes beside the run
+
+Threads: `--threads N` sets torch's intra-op threads (Megatron CE and dense use them through
+OpenMP). Our chunk loops run on N Python worker threads with one intra-op thread each
+(`--loop workers`, the library's default on CPU); `--loop openmp` runs them the old way, one
+chunk after another with N OpenMP threads inside every small op. `--compete K` starts K
+busy-looping processes for the whole run, to show what other jobs on the cores do to each.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_csd.losses import LossConfig, distillation_loss
+from megatron_csd.losses import LossConfig, distillation_loss, row_ops
 
 OBJECTIVES = {
     "csd-SS": LossConfig("csd", weights="SS"),
@@ -190,9 +198,11 @@ def measure_memory(method, name, tokens, vocab):
 
 
 # ----------------------------------------------------------------------------- TP = 2
-def _tp_worker(rank, world_size, port, tokens, vocab, names, repeats, queue):
+def _tp_worker(rank, world_size, port, tokens, vocab, names, repeats, queue, loop):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    if loop == "openmp":
+        row_ops.LOSS_THREADS = 1
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from megatron.core import parallel_state
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
@@ -212,12 +222,12 @@ def _tp_worker(rank, world_size, port, tokens, vocab, names, repeats, queue):
     dist.destroy_process_group()
 
 
-def bench_tp2(tokens, vocab, names, repeats):
+def bench_tp2(tokens, vocab, names, repeats, loop="workers"):
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_tp_worker, args=(rank, 2, port, tokens, vocab, names, repeats, queue))
+    procs = [ctx.Process(target=_tp_worker, args=(rank, 2, port, tokens, vocab, names, repeats, queue, loop))
              for rank in range(2)]
     for proc in procs:
         proc.start()
@@ -244,8 +254,25 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--no-tp2", action="store_true", help="skip the TP = 2 (gloo) timings")
     parser.add_argument("--quick", action="store_true", help="tokens 1024, csd-SS/rkl only, short sweep")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--loop", choices=("workers", "openmp"), default="workers",
+                        help="chunk loops on worker threads (default) or serially with OpenMP ops")
+    parser.add_argument("--compete", type=int, default=0, help="busy processes competing for the cores")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.loop == "openmp":
+        row_ops.LOSS_THREADS = 1
+    competitors = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.compete)]
+    try:
+        return _run(args, parser)
+    finally:
+        for proc in competitors:
+            proc.kill()
+
+
+def _run(args, parser):
     if args.memory_child:
         method, name, tokens, vocab = args.memory_child
         memory_child(method, name, int(tokens), int(vocab))
@@ -262,7 +289,9 @@ def main(argv=None):
     tokens, vocab = args.tokens, args.vocab
     buffer_mb = tokens * vocab * 4 / 2**20
     print(f"# distillation loss benchmark: tokens={tokens} V={vocab} fp32, torch threads={torch.get_num_threads()}, "
+          f"chunk loop={args.loop}, competing busy processes={args.compete}, "
           f"{args.repeats} interleaved rounds after 1 warm-up each; one fp32 [tokens, V] buffer = {buffer_mb:.0f} MB")
+    print("# load: " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     _init_single_process_megatron(_free_port())
     student, teacher, targets = make_inputs(tokens, vocab)
     ce_mem = None if args.no_memory else measure_memory("megatron_ce", "ce", tokens, vocab)
@@ -287,7 +316,7 @@ def main(argv=None):
 
     if not args.no_tp2:
         tp_names = [n for n in names if n in ("csd-SS", "csd-TS", "rkl", "fkl")] or names[:1]
-        results = bench_tp2(tokens, vocab, tp_names, args.repeats)
+        results = bench_tp2(tokens, vocab, tp_names, args.repeats, args.loop)
         print("\n## TP = 2 (gloo, 2 processes, V/2 columns each; rank 0's times, barriers around each run)\n"
               "| objective | Megatron CE ms | ours ms | ours / Megatron CE |\n|---|---|---|---|")
         for name in tp_names:
@@ -304,6 +333,7 @@ def main(argv=None):
             first = first or times["ours"]
             print(f"| {v} | {times['ours'] * 1e3:.0f} | {times['megatron_ce'] * 1e3:.0f} | {ratios['ours']:.2f} |"
                   f" {times['ours'] / first:.2f} |", flush=True)
+    print("# load: " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     dist.destroy_process_group()
 
 
