@@ -7,7 +7,8 @@ options is still refused in one line. End to end (slow, a world of one): the pur
 agrees with the built models, a fresh auto run packs and records ``packing: true`` in its
 config.yaml, and a run saved unpacked (its config.yaml saying ``packing: false``, or an old one
 without the key) relaunched with default settings resumes unpacked with the losses of an
-uninterrupted run, while an explicit conflicting ``--packing`` is refused naming the key.
+uninterrupted run (also when its checkpoint is loaded into a new folder with ``--load``), while
+an explicit conflicting ``--packing`` is refused naming the key.
 """
 from __future__ import annotations
 
@@ -135,11 +136,11 @@ def _resume_body(rank, world_size, workspace, out_file):
     _model_rule_agrees(workspace)
     root = workspace["root"]
 
-    def train(name, train_iters, packing):
+    def train(name, train_iters, packing, **checkpoint):
         config = tiny_config(workspace, os.path.join(root, name), train_iters=train_iters,
                              training={"packing": packing, "eval_at_start": False},
                              optimizer={"lr_decay_iters": 4},  # the same lr at step k in every run
-                             logging={"quiet": False}, checkpoint={"save_interval": 1})
+                             logging={"quiet": False}, checkpoint={"save_interval": 1, **checkpoint})
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
@@ -171,6 +172,9 @@ def _resume_body(rank, world_size, workspace, out_file):
     record["refused_absent"], _ = train("relaunched", 4, True)
     record["resumed_4"], record["printed_4"] = train("relaunched", 4, "auto")
     record["absent_kept"] = saved_packing("relaunched")
+    load = os.path.join(root, "relaunched", "checkpoints", "iter_0000002")  # into a new folder
+    record["loaded"], _ = train("loaded_elsewhere", 4, "auto", load=load)
+    record["loaded_packing"] = saved_packing("loaded_elsewhere")
     with open(out_file, "w") as handle:
         json.dump(record, handle)
 
@@ -194,3 +198,5 @@ def test_packing_auto_relaunch_of_an_unpacked_run_resumes_unpacked(tmp_path):
         assert isinstance(refused, str) and "\n" not in refused, refused
         assert refused.startswith("RunRefusedError: ") and "training.packing: False -> True" in refused
     assert record["absent_kept"] == "absent"  # config.yaml is never overwritten
+    # --load of its checkpoint into a new folder: auto follows the loaded run's config.yaml
+    assert record["loaded"] == straight[2:] and record["loaded_packing"] is False

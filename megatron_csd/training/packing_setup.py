@@ -5,9 +5,10 @@
 start-up, before data or models are built and before the config is compared with / written to
 ``config.yaml`` (run_guard.py), so the file records what the run does:
 
-- resuming the save dir's own latest (a relaunch): the run's own setting from its config.yaml
-  (a key absent there means false, the default before ``auto``), so a relaunch never changes
-  the rows the sampler's saved cursor walks;
+- resuming a run (a relaunch: the save dir's own latest; or ``--load`` of a checkpoint whose
+  run's config.yaml is found beside its save dir): that run's setting (a key absent there means
+  false, the default before ``auto``), so a resume never changes the rows the sampler's saved
+  cursor walks;
 - otherwise on exactly where packing is supported and verified: the local layer spec (the
   block-diagonal mask path, tested exact on CPU) without on-policy options, models whose
   attention and positions can be isolated (models.packed_attention.packing_refusal). Off, with
@@ -31,6 +32,7 @@ from typing import NamedTuple, Optional
 import yaml
 
 from megatron_csd.training.config import TrainConfig
+from megatron_csd.training.resume_config import CONFIG_FILE
 
 
 class PackingChoice(NamedTuple):
@@ -102,21 +104,34 @@ def resolve_packing(config: TrainConfig, *, use_te: bool, resumed: Optional[dict
     return PackingChoice(True) if refusal is None else PackingChoice(False, f"packing: off ({refusal})")
 
 
-def resolve_packing_at_start(config: TrainConfig, *, resumes_latest: bool,
-                             config_file: str = "config.yaml") -> PackingChoice:
-    """:func:`resolve_packing` for the start of a run (logging rank, in run_guard.guard_run)."""
-    from megatron_csd.models.builder import uses_te_spec
+def _resumed_run_config(directory: str) -> Optional[dict]:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
     from megatron_csd.training.config_io import load_yaml_text
 
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = load_yaml_text(handle)
+    except (OSError, yaml.YAMLError):
+        return None  # resume_config.py refuses an unreadable config.yaml of a relaunch in one line
+    return tree if isinstance(tree, dict) else None
+
+
+def resolve_packing_at_start(config: TrainConfig, *, resumes_latest: bool,
+                             load_dir: Optional[str] = None) -> PackingChoice:
+    """:func:`resolve_packing` for the start of a run (logging rank, in run_guard.guard_run).
+    ``load_dir``: the ``iter_*`` checkpoint this run loads, if any: its run's config.yaml is the
+    output dir's on a relaunch, else looked for beside its save dir (``RUN/checkpoints/iter_N``
+    -> ``RUN/config.yaml``, the default layout)."""
+    from megatron_csd.models.builder import uses_te_spec
+
     resumed = None
-    path = os.path.join(config.logging.output_dir, config_file)
-    if resumes_latest and config.training.packing == "auto" and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                tree = load_yaml_text(handle)
-        except (OSError, yaml.YAMLError):
-            tree = None  # resume_config.py refuses an unreadable config.yaml in one line
-        resumed = tree if isinstance(tree, dict) else None
+    if config.training.packing == "auto":
+        if resumes_latest:
+            resumed = _resumed_run_config(config.logging.output_dir)
+        elif load_dir is not None:
+            resumed = _resumed_run_config(os.path.dirname(os.path.dirname(os.path.abspath(load_dir))))
     return resolve_packing(config, use_te=uses_te_spec(config.fp8_teacher), resumed=resumed)
 
 

@@ -176,7 +176,7 @@ def guard_run(config, ctx) -> RunStart:
                 outcome[0]["load_dir"] = resolve_checkpoint_dir(outcome[0]["load"])
             if outcome[0]["finished"] is None:  # a changed objective etc. is refused (resume_config.py)
                 outcome[0]["packing"] = tuple(resolve_packing_at_start(  # auto -> true / false
-                    config, resumes_latest=outcome[0]["resumes_latest"]))
+                    config, resumes_latest=outcome[0]["resumes_latest"], load_dir=outcome[0].get("load_dir")))
                 outcome[0]["config_file"] = config_file_for(
                     PackingChoice(*outcome[0]["packing"]).apply(config), config.logging.output_dir,
                     resumes_latest=outcome[0]["resumes_latest"],
