@@ -3,8 +3,9 @@
 Precedence: dataclass defaults < ``--config file.yaml`` < flags. Every leaf field of the tree
 has one flag, declared next to the field (``metadata["flag"]``, e.g.
 ``--tensor-model-parallel-size``); model references use ``--student-preset``,
-``--teacher-checkpoint``, ``--student-override hidden_size=32`` and so on. Unknown YAML keys
-and unknown flags are errors that list the allowed names. ``save_resolved_config`` writes the
+``--teacher-checkpoint``, ``--student-override hidden_size=32`` and so on; ``--packing`` takes
+``auto`` / true / false and has a ``--no-packing`` (field metadata ``auto_bool``, ``negative``).
+Unknown YAML keys and unknown flags are errors that list the allowed names. ``save_resolved_config`` writes the
 final tree as YAML beside the run.
 """
 from __future__ import annotations
