@@ -75,7 +75,9 @@ main() {
     for seed in ${SEEDS}; do
       run_dir="${out}/students/${method}/seed${seed}"
       echo "== ${method}, training seed ${seed}: ${run_dir} ($((SECONDS - start)) s so far)"
-      OMP_NUM_THREADS=1 launch "${NPROC}" "${EMBEDDED_COMMON[@]}" "${flags[@]}" \
+      # --no-packing: every method sees the same samples per step (packing would be on for the
+      # off-policy methods and off for the on-policy one); earlier results stay comparable.
+      OMP_NUM_THREADS=1 launch "${NPROC}" "${EMBEDDED_COMMON[@]}" "${flags[@]}" --no-packing \
         --student-preset tiny-gemma --micro-batch-size 16 --global-batch-size 32 \
         --train-iters "${STUDENT_ITERS}" --lr 3e-3 --min-lr 3e-4 \
         --lr-warmup-iters $((STUDENT_ITERS / 10)) --eval-interval 0 --eval-samples 32 --seed "${seed}" \

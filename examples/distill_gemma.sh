@@ -65,7 +65,7 @@ KD_RATIO="${KD_RATIO:-1.0}"              # loss = KD_RATIO * distill + (1 - KD_R
 MICRO_BATCH="${MICRO_BATCH:-1}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 SEQ_LENGTH="${SEQ_LENGTH:-512}"
-PACKING="${PACKING:-0}"                  # 1: pack several samples per SEQ_LENGTH row (--packing; local layer spec only)
+PACKING="${PACKING:-auto}"               # auto: pack where supported (local layer spec, no on-policy) | 1: --packing | 0: --no-packing
 TRAIN_ITERS="${TRAIN_ITERS:-1000}"
 LR="${LR:-1e-5}"
 MIN_LR="${MIN_LR:-0}"
@@ -91,6 +91,15 @@ EMBEDDED_TEACHER_ITERS="${EMBEDDED_TEACHER_ITERS:-200}"
 EMBEDDED_STUDENT_ITERS="${EMBEDDED_STUDENT_ITERS:-160}"
 EMBEDDED_NUM_TRAIN="${EMBEDDED_NUM_TRAIN:-4000}"
 EMBEDDED_EVAL_SAMPLES="${EMBEDDED_EVAL_SAMPLES:-200}"
+
+packing_flags() {  # the trainer flag for PACKING (auto: none, the trainer's default)
+  case "${PACKING}" in
+    auto) ;;
+    1|true|on) echo "--packing" ;;
+    0|false|off) echo "--no-packing" ;;
+    *) echo "distill_gemma.sh: PACKING=${PACKING} is not auto, 1 or 0" >&2; return 2 ;;
+  esac
+}
 
 has_cuda() { "${PYTHON}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 free_port() { "${PYTHON}" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
@@ -163,7 +172,8 @@ announce_stage() {  # announce_stage WHAT "reuse|new" DIR BASE
 # EMBEDDED_DATA (data dir), EMBEDDED_TEACHER (the teacher's iter_* dir) and EMBEDDED_COMMON (the
 # trainer flags every stage shares). examples/compare_objectives.sh sources this file for it.
 embedded_data_and_teacher() {
-  local work="${EMBEDDED_DIR}" code pick how data teacher_dir
+  local work="${EMBEDDED_DIR}" code pick how data teacher_dir packing
+  packing="$(packing_flags)"  # for every training stage, in its fingerprint (auto: no flag)
   echo "== working directory: ${work} (completed stages with the same settings are re-used; nothing is deleted)"
   prepare_embedded_dir "${work}"
   # The code a stage ran with: the commit plus a checksum of uncommitted changes to the package.
@@ -181,7 +191,7 @@ embedded_data_and_teacher() {
       --out "${data}/prepared" --seq-length 80 --template dolly --quiet
     printf '%s\n' "${data_fp}" > "${data}/${STAGE_MARKER}"
   fi
-  local common=(--device cpu --precision fp32 --tokenizer "${data}/tokenizer.model"
+  local common=(--device cpu --precision fp32 --tokenizer "${data}/tokenizer.model" ${packing}
     --train-data "${data}/prepared/train" --valid-data "${data}/prepared/valid"
     --seq-length 80 --eval-samples "${EMBEDDED_EVAL_SAMPLES}" --log-interval 20 --clip-grad 1.0
     --weight-decay 0.01 --lr-decay-style cosine --seed 1234)
@@ -215,9 +225,7 @@ embedded_default() {
   pick="$(pick_stage_dir "${work}/distill" "" none)"
   student_dir="${pick#* }"
   announce_stage "student" new "${student_dir}" "${work}/distill"
-  local packing=()
-  [[ "${PACKING}" == 1 ]] && packing=(--packing)
-  launch 2 "${common[@]}" ${packing[@]+"${packing[@]}"} --mode distill --teacher-checkpoint "${teacher}" \
+  launch 2 "${common[@]}" --mode distill --teacher-checkpoint "${teacher}" \
     --student-preset tiny-gemma --tensor-model-parallel-size 2 \
     --objective csd --csd-weights TS --kd-ratio 1.0 \
     --micro-batch-size 16 --global-batch-size 32 --train-iters "${EMBEDDED_STUDENT_ITERS}" \
@@ -257,7 +265,8 @@ args=(--mode "${MODE}" --device "${DEVICE}" --precision "${PRECISION}"
   --eval-interval "${EVAL_INTERVAL}" --eval-samples "${EVAL_SAMPLES}"
   --save-interval "${SAVE_INTERVAL}" --output-dir "${OUTPUT_DIR}" --log-interval "${LOG_INTERVAL}")
 [[ "${SP}" == 1 ]] && args+=(--sequence-parallel)
-[[ "${PACKING}" == 1 ]] && args+=(--packing)
+packing="$(packing_flags)" || exit 2
+[[ -n "${packing}" ]] && args+=("${packing}")
 [[ "${TENSORBOARD}" == 1 ]] && args+=(--tensorboard)
 [[ -n "${TEACHER}" ]] && args+=(--teacher-checkpoint "${TEACHER}")
 [[ -n "${STUDENT}" ]] && args+=(--student-checkpoint "${STUDENT}")

@@ -3,7 +3,9 @@
 A workspace is toy instruction data (train/valid JSONL + a sentencepiece tokenizer from
 ``megatron_csd.data.toy``), prepared once at seq length 32, plus model-only checkpoints of a
 tiny Gemma teacher (hidden 64) and a smaller tiny Gemma student (hidden 32) written at TP1/PP1,
-so that every layout under test starts from the same weights.
+so that every layout under test starts from the same weights. ``tiny_config`` runs are unpacked
+(``training.packing: false``, one sample per row) so that their expectations stay per sample;
+the packing tests ask for packing themselves.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def tiny_config(workspace: dict, output_dir: str, *, tp: int = 1, pp: int = 1, m
         "optimizer": {"lr": 3e-3, "lr_warmup_iters": 1, "clip_grad": 1.0, "weight_decay": 0.01},
         "training": {"train_iters": train_iters, "global_batch_size": global_batch_size,
                      "micro_batch_size": micro_batch_size, "seq_length": SEQ_LENGTH, "seed": 11,
-                     "eval_samples": 8},
+                     "eval_samples": 8, "packing": False},  # one sample per row (packing tests: True)
         "data": {"train_path": workspace["train"], "valid_path": workspace["valid"],
                  "tokenizer": workspace["tokenizer"]},
         "checkpoint": {"save": os.path.join(output_dir, "checkpoints")},

@@ -33,7 +33,7 @@ def _write_config(workspace: dict, path: str) -> None:
         "parallel": {"tensor_model_parallel_size": 2},
         "optimizer": {"lr": 3e-3, "lr_warmup_iters": 1, "clip_grad": 0.5},
         "training": {"train_iters": 4, "global_batch_size": 4, "micro_batch_size": 2,
-                     "seq_length": 32, "eval_samples": 8, "eval_at_start": False},
+                     "seq_length": 32, "eval_samples": 8, "eval_at_start": False, "packing": False},
         "data": {"train_path": workspace["train"], "valid_path": workspace["valid"],
                  "tokenizer": workspace["tokenizer"]},
         "checkpoint": {"save_interval": 2},

@@ -144,7 +144,7 @@ def train_config(workspace: dict, output_dir: str, *, tp: int = 1, train_iters: 
         "loss": loss or {"objective": "fkl"},
         "optimizer": {"lr": 3e-3, "lr_warmup_iters": 1, "clip_grad": 1.0, "weight_decay": 0.0},
         "training": {"train_iters": train_iters, "global_batch_size": 4, "micro_batch_size": 2,
-                     "seq_length": SEQ_LENGTH, "seed": 11, "eval_samples": 8},
+                     "seq_length": SEQ_LENGTH, "seed": 11, "eval_samples": 8, "packing": False},
         "data": {"train_path": workspace["train"], "valid_path": workspace["valid"],
                  "tokenizer": workspace["tokenizer"]},
         "checkpoint": {"save": os.path.join(output_dir, "checkpoints")},

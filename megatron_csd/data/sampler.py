@@ -79,7 +79,8 @@ class ResumableSampler:
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume the data order: the checkpoint has {key}="
                                  f"{state[key]!r} but this run has {getattr(self, key)!r} "
-                                 "(same data, data seed and --packing are needed for an exact resume)")
+                                 "(same data, data seed and packing setting, --packing / --no-packing, are "
+                                 "needed for an exact resume)")
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < self.num_samples:
             raise ValueError(f"bad sampler state epoch={epoch} index={index}")

@@ -64,6 +64,12 @@ def _resolve_use_te(use_te: Optional[bool], fp8: Optional[str]) -> bool:
     return bool(use_te)
 
 
+def uses_te_spec(fp8: Optional[str] = None) -> bool:
+    """Whether ``build_gpt_model(use_te=None, fp8=fp8)`` builds the transformer-engine layer spec
+    (FP8 always does; otherwise when CUDA and transformer-engine are available)."""
+    return fp8 is not None or _resolve_use_te(None, None)
+
+
 def _tensor_parallel_problem(cfg: ModelConfig, tp_size: int) -> Optional[str]:
     """Why Megatron-Core cannot split `cfg` over `tp_size` tensor-parallel ranks (None: it can)."""
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups

@@ -91,18 +91,26 @@ def _capture_positions(rotary: PositionRotary):
 MODE_ATTR = "_csd_packing_mode"  # "mask" | "thd", set on a GPTModel by enable_packing
 
 
+def packing_refusal(window_size, position_embedding_type: str) -> Optional[str]:
+    """Why a model with this attention window and position embedding cannot be packed (None:
+    it can, given a layer spec that isolates samples). Pure, so that ``training.packing: auto``
+    can decide from a ModelConfig before any model is built; :func:`packing_mode` applies the
+    same rule to a built model."""
+    if window_size is not None:
+        return "sliding-window attention (the window mask would replace the per-sample mask)"
+    if position_embedding_type not in ("rope", "learned_absolute", "none"):
+        return f"{position_embedding_type!r} positions (packing supports rope / learned_absolute)"
+    return None
+
+
 def packing_mode(model: torch.nn.Module) -> str:
     """``"mask"`` (local spec), ``"thd"`` (transformer-engine spec) or ValueError."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    config = model.config
-    if getattr(config, "window_size", None) is not None:
-        raise ValueError("packing is not supported with sliding-window attention (the window "
-                         "mask would replace the per-sample mask); run without --packing")
-    kind = getattr(model, "position_embedding_type", "learned_absolute")
-    if kind not in ("rope", "learned_absolute", "none"):
-        raise ValueError(f"packing supports rope / learned_absolute positions, not {kind!r}; "
-                         "run without --packing")
+    refusal = packing_refusal(getattr(model.config, "window_size", None),
+                              getattr(model, "position_embedding_type", "learned_absolute"))
+    if refusal is not None:
+        raise ValueError(f"packing is not supported with {refusal}; run without --packing")
     modes = set()
     for layer in getattr(getattr(model, "decoder", None), "layers", []):
         core = getattr(getattr(layer, "self_attention", None), "core_attention", None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from megatron_csd.training.eval_generate_config import EvalGenerateConfig
 from megatron_csd.training.on_policy_config import OnPolicyConfig
@@ -194,7 +194,7 @@ class TrainingConfig:
     eval_interval: int = field(default=0, metadata=_flag("--eval-interval", "validate every N steps (0 = start and end only)"))
     eval_samples: int = field(default=0, metadata=_flag("--eval-samples", "held-out samples per evaluation (0 = the whole valid set)"))
     eval_at_start: bool = field(default=True, metadata=_flag("--eval-at-start", "validate before the first step"))
-    packing: bool = field(default=False, metadata=_flag("--packing", "pack several samples per seq_length row (isolated attention, local layer spec)"))
+    packing: Union[bool, str] = field(default="auto", metadata=_flag("--packing", "several samples per seq_length row, isolated attention: auto (on where supported, packing_setup.py) | true | false", negative="--no-packing", auto_bool=True))
     divergence_warning_factor: float = field(default=10.0, metadata=_flag("--divergence-warning-factor", "warn when the loss exceeds K x its running median (0 = off)"))
 
     def __post_init__(self):
@@ -212,6 +212,8 @@ class TrainingConfig:
         _check_int("training.seed", self.seed, minimum=0)
         _check_int("training.eval_interval", self.eval_interval, minimum=0)
         _check_int("training.eval_samples", self.eval_samples, minimum=0)
+        if not (isinstance(self.packing, bool) or self.packing == "auto"):
+            raise ValueError(f"training.packing must be auto, true or false, got {self.packing!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -301,6 +303,7 @@ class TrainConfig:
             if self.fp8_teacher is not None:
                 raise ValueError("fp8_teacher is set but mode 'sft' has no teacher")
         self.on_policy.check_mode(self.mode)
+        self.on_policy.check_packing(self.training.packing)
         if self.data.train_path is None:
             raise ValueError("data.train_path (--train-data) is required")
         if self.data.tokenizer is None:

@@ -3,8 +3,9 @@
 Precedence: dataclass defaults < ``--config file.yaml`` < flags. Every leaf field of the tree
 has one flag, declared next to the field (``metadata["flag"]``, e.g.
 ``--tensor-model-parallel-size``); model references use ``--student-preset``,
-``--teacher-checkpoint``, ``--student-override hidden_size=32`` and so on. Unknown YAML keys
-and unknown flags are errors that list the allowed names. ``save_resolved_config`` writes the
+``--teacher-checkpoint``, ``--student-override hidden_size=32`` and so on; ``--packing`` takes
+``auto`` / true / false and has a ``--no-packing`` (field metadata ``auto_bool``, ``negative``).
+Unknown YAML keys and unknown flags are errors that list the allowed names. ``save_resolved_config`` writes the
 final tree as YAML beside the run.
 """
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _parse_auto_bool(text: str):
+    """``auto`` or a bool (fields declared with ``auto_bool``, e.g. ``--packing``)."""
+    return "auto" if str(text).strip().lower() == "auto" else _parse_bool(text)
+
+
 def _parse_optional(inner):
     def parse(text: str):
         return None if str(text).strip().lower() in ("none", "null", "") else inner(text)
@@ -112,12 +118,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
             continue
         hints = typing.get_type_hints(section_type)
         for fld in dataclasses.fields(section_type):
-            parse, is_bool = _parser_for(hints[fld.name])
+            if fld.metadata.get("auto_bool"):
+                parse, is_bool = _parse_auto_bool, True
+            else:
+                parse, is_bool = _parser_for(hints[fld.name])
             kwargs = dict(dest=f"{section}.{fld.name}", default=None, type=parse,
                           help=f"{fld.metadata.get('help', '')} [{section}.{fld.name}, default {fld.default!r}]")
             if is_bool:  # `--sequence-parallel` alone means true; `--sequence-parallel false` works too
                 kwargs.update(nargs="?", const=True)
             parser.add_argument(fld.metadata["flag"], **kwargs)
+            if "negative" in fld.metadata:  # `--no-packing` = `--packing false`
+                parser.add_argument(fld.metadata["negative"], dest=f"{section}.{fld.name}",
+                                    action="store_const", const=False, default=None,
+                                    help=f"same as {fld.metadata['flag']} false")
     return parser
 
 

@@ -154,7 +154,9 @@ def build_models(config: TrainConfig, plan: ModelPlan, *, pre_process: bool, pos
             warnings.warn("the teacher is a randomly initialised preset: fine for tests, "
                           "meaningless for distillation (give teacher.checkpoint)")
         freeze_teacher(teacher)
-    if config.training.packing:
+    from megatron_csd.training.packing_setup import packing_enabled
+
+    if packing_enabled(config):
         from megatron_csd.models.packed_attention import enable_packing
 
         for model in (student, teacher):

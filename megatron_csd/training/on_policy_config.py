@@ -100,3 +100,9 @@ class OnPolicyConfig:
             raise ValueError("the on_policy options (--student-data-ratio, --teacher-generated, "
                              "--adaptive-student-data, --lm-data) need mode 'distill' with a teacher; "
                              "remove them for --mode sft")
+
+    def check_packing(self, packing) -> None:
+        """``--packing`` (explicit true) is refused with these options (``auto`` leaves it off)."""
+        if packing is True and self.enabled:
+            raise ValueError("--packing does not combine with the on-policy options yet (they replace "
+                             "responses of single-sample rows): drop --packing or the on_policy options")

@@ -17,7 +17,9 @@ trained, or are meant to be adjusted by a relaunch):
 - ``logging.*``, ``checkpoint.save``, ``save_interval``, ``save_final``, ``load``,
   ``overwrite_save``, ``no_verify_checkpoint``.
 
-Keys that the saved file does not hold (options added since it was written) are not compared.
+Keys that the saved file does not hold (options added since it was written) are not compared,
+except those in ``ABSENT_MEANS``, whose absence means the behaviour before them:
+``training.packing`` absent = false (unpacked rows; the default before ``auto``).
 The file is never overwritten when it differs: the run's config is written as
 ``config.resume-<iteration>.yaml`` (``.2``, ``.3``, ... appended when taken); when it equals
 config.yaml but for the per-launch keys ``checkpoint.load / overwrite_save /
@@ -41,6 +43,7 @@ ALLOWED_KEYS = frozenset({
     "checkpoint.overwrite_save", "checkpoint.no_verify_checkpoint", "device",
 })
 ALLOWED_SECTIONS = ("logging.", "eval_generate.", "parallel.")
+ABSENT_MEANS = {"training.packing": False}
 LAUNCH_KEYS = frozenset({"checkpoint.load", "checkpoint.overwrite_save", "checkpoint.no_verify_checkpoint"})
 
 
@@ -62,7 +65,7 @@ def _allowed(key: str) -> bool:
 
 def config_differences(old: dict, new: dict) -> list:
     """[(dotted key, old, new)] of the keys both trees hold that differ and may not change."""
-    old_flat, new_flat = flatten(old), flatten(new)
+    old_flat, new_flat = {**ABSENT_MEANS, **flatten(old)}, flatten(new)
     return [(key, old_flat[key], new_flat[key]) for key in old_flat
             if key in new_flat and old_flat[key] != new_flat[key] and not _allowed(key)]
 

@@ -21,6 +21,9 @@ On a resume of the latest, the config must match the run's config.yaml but for t
 resume_config.py allows (else a one-line refusal, unless ``--overwrite-save``); the outcome
 names the file the config is written to, never over a differing config.yaml.
 
+Before that comparison, ``training.packing: auto`` is resolved to true / false (a resume keeps
+the run's own setting; packing_setup.py), so config.yaml records what the run does.
+
 Then every rank verifies the checkpoint it will load against its manifest (models/manifest.py;
 ``--no-verify-checkpoint`` skips it), before any model is built.
 """
@@ -36,6 +39,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_csd.models.manifest import verify_checkpoint
+from megatron_csd.training.packing_setup import PackingChoice, resolve_packing_at_start
 from megatron_csd.training.resume_config import config_file_for
 from megatron_csd.training.run_lock import RunLock, lock_for
 
@@ -171,8 +175,11 @@ def guard_run(config, ctx) -> RunStart:
             if outcome[0]["load"] is not None:  # a bad --load is one line on every rank, too
                 outcome[0]["load_dir"] = resolve_checkpoint_dir(outcome[0]["load"])
             if outcome[0]["finished"] is None:  # a changed objective etc. is refused (resume_config.py)
+                outcome[0]["packing"] = tuple(resolve_packing_at_start(  # auto -> true / false
+                    config, resumes_latest=outcome[0]["resumes_latest"], load_dir=outcome[0].get("load_dir")))
                 outcome[0]["config_file"] = config_file_for(
-                    config, config.logging.output_dir, resumes_latest=outcome[0]["resumes_latest"],
+                    PackingChoice(*outcome[0]["packing"]).apply(config), config.logging.output_dir,
+                    resumes_latest=outcome[0]["resumes_latest"],
                     iteration=_start_iteration(outcome[0].get("load_dir")))
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they would hang
             if lock is not None:
@@ -193,6 +200,11 @@ def guard_run(config, ctx) -> RunStart:
             if lock is not None:
                 lock.release()
             raise
+    if "packing" in plan:
+        packing = PackingChoice(*plan["packing"])
+        config = packing.apply(config)
+        if packing.note and ctx.is_logging_rank:
+            print(f"[megatron_csd] {packing.note}", flush=True)
     checkpoint = dataclasses.replace(config.checkpoint, load=plan["load"])
     return RunStart(config=dataclasses.replace(config, checkpoint=checkpoint),
                     finished=plan["finished"], lock=lock, resumes_latest=plan["resumes_latest"],

@@ -36,7 +36,8 @@ def cli_args(workspace: dict, output_dir: str, *, train_iters: int = 2, save_int
              "--seq-length", "32", "--eval-samples", "1", "--lr", "3e-3", "--lr-warmup-iters", "1",
              "--train-data", workspace["train"], "--valid-data", workspace["valid"],
              "--tokenizer", workspace["tokenizer"], "--output-dir", output_dir,
-             "--save-interval", str(save_interval), "--eval-at-start", "false", "--quiet"]
+             "--save-interval", str(save_interval), "--eval-at-start", "false", "--quiet",
+             "--no-packing"]  # as tiny_config
     return args
 
 

@@ -20,7 +20,7 @@ def config_tree(workspace: dict, output_dir: str, *, mode: str = "distill", tp: 
         "parallel": {"tensor_model_parallel_size": tp},
         "optimizer": {"lr": 3e-3, "lr_warmup_iters": 0, "lr_decay_style": "constant", "clip_grad": 1.0},
         "training": {"train_iters": 2, "global_batch_size": 2, "micro_batch_size": 1,
-                     "seq_length": 32, "eval_samples": 2, "eval_at_start": False},
+                     "seq_length": 32, "eval_samples": 2, "eval_at_start": False, "packing": False},
         "data": {"train_path": workspace["train"], "valid_path": workspace["valid"],
                  "tokenizer": workspace["tokenizer"]},
         "checkpoint": {"save": os.path.join(output_dir, "checkpoints")},
