@@ -21,6 +21,10 @@
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Unpacked teacher SFT and students unless PACKING says otherwise: every method then sees the same
+# samples per step (on-policy runs cannot pack) and the README's published comparison stays
+# reproducible with the teacher it was measured with.
+PACKING="${PACKING:-0}"
 # The embedded default's helpers and variables (launch, pick_stage_dir, embedded_data_and_teacher).
 source "${REPO_DIR}/examples/distill_gemma.sh"
 
