@@ -41,20 +41,29 @@ def row_chunks(num_rows: int, num_cols: int) -> Iterator[Tuple[int, int]]:
 
 _POOL_LOCK = threading.Lock()
 _POOL: Optional[ThreadPoolExecutor] = None
+_IN_WORKER = threading.local()
+
+
+def _start_worker():
+    _IN_WORKER.active = True
+    torch.set_num_threads(1)  # this worker thread's own OpenMP setting, from its first op on
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="megatron_csd-loss")
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="megatron_csd-loss",
+                                       initializer=_start_worker)
         return _POOL
 
 
-def _run_share(chunks, body, rows, width, dtype, device):
-    torch.set_num_threads(1)  # this worker thread's own OpenMP setting
+def _run_share(chunks, body, rows, width, dtype, device, inference):
+    torch.set_num_threads(1)
     workspace = ChunkWorkspace(rows, width, dtype, device)
-    with torch.no_grad():  # grad mode is per thread; chunk ops are never differentiated
+    # Grad and inference mode are per thread: take the caller's inference mode; chunk ops are
+    # never differentiated.
+    with torch.inference_mode(inference), torch.no_grad():
         for start, end in chunks:
             body(start, end, workspace)
 
@@ -67,23 +76,26 @@ def for_each_chunk(num_rows: int, width: int, body: Callable, dtype: torch.dtype
     workspace (torch releases the GIL inside its kernels). Chunk ops are small, so with OpenMP
     every one of them would be a parallel region ending in a barrier: when other processes
     compete for the cores, each barrier waits for a descheduled thread and the loop slows
-    10-100x, while here the workers only meet once, at the end. On CUDA the chunks run in
-    order on the calling thread (kernels are asynchronous anyway).
+    10-100x, while here the workers only meet once, at the end. On CUDA, or when called from a
+    worker itself, the chunks run in order on the calling thread.
     """
     chunks = list(row_chunks(num_rows, width)) if width else []
     workers = min(len(chunks), LOSS_THREADS or torch.get_num_threads())
-    if device.type != "cpu" or workers <= 1:
+    if device.type != "cpu" or workers <= 1 or getattr(_IN_WORKER, "active", False):
         workspace = ChunkWorkspace(num_rows, width, dtype, device)
         for start, end in chunks:
             body(start, end, workspace)
         return
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    futures = []
     try:
-        futures = [_pool(workers).submit(_run_share, chunks[i::workers], body, num_rows, width, dtype, device)
-                   for i in range(workers)]
-        errors = [future.exception() for future in futures]  # waits for every worker
+        pool, inference = _pool(workers), torch.is_inference_mode_enabled()
+        for i in range(workers):
+            futures.append(pool.submit(_run_share, chunks[i::workers], body, num_rows, width, dtype, device,
+                                       inference))
     finally:
+        errors = [future.exception() for future in futures]  # waits for every submitted worker
         torch.set_num_threads(previous)
     for error in errors:
         if error is not None:

@@ -54,3 +54,23 @@ def test_worker_threads_run_every_chunk_once_without_autograd(monkeypatch):
     row_ops.for_each_chunk(50, row_ops.CHUNK_ELEMENTS // 4, body, torch.float32, torch.device("cpu"))
     assert sorted(seen) == [(s, min(s + 4, 50)) for s in range(0, 50, 4)]
     assert modes == {False}
+
+
+def test_worker_threads_under_inference_mode_and_nested_calls(monkeypatch):
+    monkeypatch.setattr(row_ops, "LOSS_THREADS", 2)
+    monkeypatch.setattr(row_ops, "CHUNK_ELEMENTS", 4 * 64)
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(24, 64, generator=gen), torch.randn(24, 64, generator=gen)
+    expected = distillation_loss(student, teacher, LossConfig("fkl"))
+    with torch.inference_mode():
+        assert torch.equal(distillation_loss(student, teacher, LossConfig("fkl")), expected)
+    seen = []
+
+    def inner(start, end, workspace):
+        seen.append(start)
+
+    def outer(start, end, workspace):  # a nested loop runs serially inside the worker
+        row_ops.for_each_chunk(8, row_ops.CHUNK_ELEMENTS // 4, inner, torch.float32, torch.device("cpu"))
+
+    row_ops.for_each_chunk(16, row_ops.CHUNK_ELEMENTS // 4, outer, torch.float32, torch.device("cpu"))
+    assert sorted(seen) == sorted([0, 4] * 4)

@@ -127,3 +127,17 @@ def test_large_logit_gaps_keep_precision():
                 grad_tol = dict(rtol=1e-4, atol=max(grad_tol["atol"], 4 * ulp * max_weight))
             torch.testing.assert_close(loss.double(), ref_loss, **loss_tol, msg=lambda m: f"{name} {config_id(cfg)}: {m}")
             torch.testing.assert_close(grad.double(), ref_grad, **grad_tol, msg=lambda m: f"{name} {config_id(cfg)}: {m}")
+
+
+@pytest.mark.parametrize("cfg", [LossConfig(o) for o in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "dld")]
+                         + [LossConfig("csd", weights=w) for w in ("SS", "TS", "MM")], ids=config_id)
+def test_low_precision_gradients_are_the_rounded_fp32_gradients(cfg):
+    """bf16 logits: the gradient must be the fp32-accurate one, rounded once to bf16 (so within
+    two bf16 ulps of the rounded fp64 reference); a gap taken in bf16 would be off by far more."""
+    gen = torch.Generator().manual_seed(6)
+    student = (torch.randn(16, 400, generator=gen) * 4).to(torch.bfloat16)
+    teacher = (torch.randn(16, 400, generator=gen) * 4).to(torch.bfloat16)
+    _, grad = _run(student, teacher, cfg)
+    _, ref_grad = dense_loss_and_grad(student, teacher, cfg)
+    rounded = ref_grad.to(torch.bfloat16).double()
+    torch.testing.assert_close(grad.double(), rounded, rtol=2 ** -7, atol=1e-6 * rounded.abs().max().item())
