@@ -42,6 +42,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from bench_fused import _load as uptime, _status_kib  # tools/ is the script's directory
 from megatron_csd.losses import LossConfig, distillation_loss, row_ops
 
 OBJECTIVES = {
@@ -165,14 +166,6 @@ def _reset_peak_rss():
         refs.write("5")
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(method, name, tokens, vocab):
     """Runs in a fresh subprocess: prints peak extra RSS (bytes) of one forward + backward."""
     _init_single_process_megatron(_free_port())
@@ -291,7 +284,7 @@ def _run(args, parser):
     print(f"# distillation loss benchmark: tokens={tokens} V={vocab} fp32, torch threads={torch.get_num_threads()}, "
           f"chunk loop={args.loop}, competing busy processes={args.compete}, "
           f"{args.repeats} interleaved rounds after 1 warm-up each; one fp32 [tokens, V] buffer = {buffer_mb:.0f} MB")
-    print("# load: " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    print("# load: " + uptime(), flush=True)
     _init_single_process_megatron(_free_port())
     student, teacher, targets = make_inputs(tokens, vocab)
     ce_mem = None if args.no_memory else measure_memory("megatron_ce", "ce", tokens, vocab)
@@ -333,7 +326,7 @@ def _run(args, parser):
             first = first or times["ours"]
             print(f"| {v} | {times['ours'] * 1e3:.0f} | {times['megatron_ce'] * 1e3:.0f} | {ratios['ours']:.2f} |"
                   f" {times['ours'] / first:.2f} |", flush=True)
-    print("# load: " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print("# load: " + uptime())
     dist.destroy_process_group()
 
 

@@ -68,10 +68,11 @@ def redo_masked_rows(workspace, zs, zt, e_s_out, objective, temperature):
     return shifts, stats
 
 
-def _mask_rows_(tensor, zs, zt, masked_rows, fill=0.0):
+def mask_rows_(tensor, zs, zt, masked_rows):
+    """Zero the masked columns of the chunk's masked rows, in place."""
     if masked_rows.numel():
         valid = valid_columns(zs[masked_rows], zt[masked_rows])
-        tensor[masked_rows] = torch.where(valid, tensor[masked_rows], fill)
+        tensor[masked_rows] = torch.where(valid, tensor[masked_rows], 0.0)
     return tensor
 
 
@@ -81,8 +82,7 @@ def log_probs(workspace, name, logits, shift, offset, temperature, rows):
     return out.sub_(offset.unsqueeze(-1))
 
 
-H_SCALE = {"jsd": lambda spec: 1 - spec.beta, "skl": lambda spec: -(1 - spec.skew), "srkl": lambda spec: 1.0,
-           "tvd": lambda spec: 1.0}
+H_SCALE = {"jsd": lambda spec: 1 - spec.beta, "skl": lambda spec: -(1 - spec.skew), "srkl": lambda spec: 1.0}
 """h = H_SCALE * h' where h' is what pass 2 leaves in the buffer (tvd: see second_pass_chunk)."""
 
 
@@ -106,7 +106,7 @@ def second_pass_chunk(workspace, zs, zt, shifts, offsets, store, spec, masked_ro
         diff = torch.sub(q, p, out=workspace.buffer("term", rows))
         sign = torch.sign(diff, out=workspace.buffer("log_m", rows))
         out[:, 1] = 0.5 * torch.linalg.vecdot(q, sign)
-        out[:, 0] = 0.5 * _mask_rows_(diff.abs_(), zs, zt, masked_rows).sum(-1)
+        out[:, 0] = 0.5 * mask_rows_(diff.abs_(), zs, zt, masked_rows).sum(-1)
         return out
     share = spec.beta if name == "jsd" else spec.skew  # the first distribution's share of m
     # m = share * first + (1 - share) * second = lerp(second, first, share)
@@ -114,20 +114,20 @@ def second_pass_chunk(workspace, zs, zt, shifts, offsets, store, spec, masked_ro
     mixture = torch.lerp(second, first, share, out=workspace.buffer("term", rows)).clamp_min_(torch.finfo(q.dtype).tiny)
     log_m = torch.log(mixture, out=workspace.buffer("log_m", rows))
     if name in ("jsd", "skl"):  # sum p (log p - log m)
-        teacher_term = torch.linalg.vecdot(p, _mask_rows_(log_p.sub_(log_m), zs, zt, masked_rows))
+        teacher_term = torch.linalg.vecdot(p, mask_rows_(log_p.sub_(log_m), zs, zt, masked_rows))
     if name == "skl":  # f = p (log p - log m);  h' = p q / m
         out[:, 0] = teacher_term
         store.mul_(p).div_(mixture)
     else:
         log_q = log_probs(workspace, "a_s", zs, shifts[:, 0], offsets[:, 0], spec.temperature, rows)
-        log_ratio = _mask_rows_(log_q.sub_(log_m), zs, zt, masked_rows)  # log q - log m
+        log_ratio = mask_rows_(log_q.sub_(log_m), zs, zt, masked_rows)  # log q - log m
         if name == "jsd":  # f = b p (log p - log m) + (1 - b) q (log q - log m);  h' = q (log q - log m)
             store.mul_(log_ratio)
         else:  # srkl: f = q (log q - log m);  h' = q (log q - log m + 1 - a q / m)
             out[:, 0] = torch.linalg.vecdot(q, log_ratio)
             log_ratio.add_(1.0).sub_(torch.div(q, mixture, out=mixture), alpha=share)
             store.mul_(log_ratio)
-    _mask_rows_(store, zs, zt, masked_rows)
+    mask_rows_(store, zs, zt, masked_rows)
     out[:, 1] = store.sum(-1)
     if name == "jsd":
         out[:, 0] = share * teacher_term + (1 - share) * out[:, 1]
@@ -137,15 +137,11 @@ def second_pass_chunk(workspace, zs, zt, shifts, offsets, store, spec, masked_ro
 def student_probs(workspace, zs, zt, shifts, offsets, temperature, masked_rows, out):
     """q = exp(log q) on a chunk, 0 on masked columns, into `out`."""
     log_q = log_probs(workspace, "a_s", zs, shifts[:, 0], offsets[:, 0], temperature, zs.shape[0])
-    return _mask_rows_(torch.exp(log_q, out=out), zs, zt, masked_rows)
+    return mask_rows_(torch.exp(log_q, out=out), zs, zt, masked_rows)
 
 
 def teacher_probs(workspace, zs, zt, shifts, offsets, temperature, masked_rows):
     """p = exp(log p) on a chunk, 0 on masked columns (a workspace buffer)."""
     log_p = log_probs(workspace, "a_t", zt, shifts[:, 1], offsets[:, 1], temperature, zt.shape[0])
-    return _mask_rows_(torch.exp(log_p, out=workspace.buffer("e_t", zt.shape[0])), zs, zt, masked_rows)
+    return mask_rows_(torch.exp(log_p, out=workspace.buffer("e_t", zt.shape[0])), zs, zt, masked_rows)
 
-
-def mask_rows_(tensor, zs, zt, masked_rows):
-    """Zero the masked columns of the chunk's masked rows, in place."""
-    return _mask_rows_(tensor, zs, zt, masked_rows)

@@ -43,7 +43,7 @@ import torch
 
 from .divergence_passes import (H_SCALE, ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
                                 student_probs, teacher_probs)
-from .row_ops import (accumulation_dtype, finish_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
+from .row_ops import (accumulation_dtype, difference_into, finish_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
                       safe_denominator, zero_empty_rows_)
 from .vocab_shard import VocabShard
 
@@ -164,11 +164,7 @@ class _DivergenceFunction(torch.autograd.Function):
                 p = teacher_probs(*args, tau, chunk_rows)
                 chunk = buffer.mul_(scales[start:end, 0:1]).sub_(p).mul_(coeff)
             elif spec.objective == "rkl":  # q (log q - log p - rkl) / tau; the buffer holds e_s
-                log_ratio = workspace.buffer("a_s", end - start)
-                if zs.dtype == log_ratio.dtype:
-                    torch.sub(zs[start:end], zt[start:end], out=log_ratio)
-                else:  # bf16 / fp16: subtract in fp32 (a bf16 - bf16 op would round the gap to bf16)
-                    log_ratio.copy_(zs[start:end]).sub_(zt[start:end])
+                log_ratio = difference_into(workspace.buffer("a_s", end - start), zs[start:end], zt[start:end])
                 constant = (shifts[start:end, 1] - shifts[start:end, 0]) + tau * (
                     offsets[start:end, 1] - offsets[start:end, 0] - loss[start:end])
                 log_ratio.add_(constant.unsqueeze(-1))

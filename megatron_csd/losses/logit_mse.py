@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .row_ops import (accumulation_dtype, chunk_row_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
+from .row_ops import (accumulation_dtype, chunk_row_maxima, difference_into, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
                       safe_denominator, valid_columns)
 from .vocab_shard import VocabShard
 
@@ -27,10 +27,7 @@ def _gap_pass(zs, zt, gap_store, sums, masked):
     width = zs.shape[1]
 
     def chunk(start, end, workspace):
-        if zs.dtype == gap_store.dtype:
-            gap = torch.sub(zs[start:end], zt[start:end], out=gap_store[start:end])
-        else:  # bf16 / fp16: subtract in fp32 (a bf16 - bf16 op would round the gap to bf16)
-            gap = gap_store[start:end].copy_(zs[start:end]).sub_(zt[start:end])
+        gap = difference_into(gap_store[start:end], zs[start:end], zt[start:end])
         squares = torch.mul(gap, gap, out=workspace.buffer("squares", end - start))
         sums[start:end, 0] = squares.sum(-1)
         sums[start:end, 1] = float(width)

@@ -59,7 +59,6 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _run_share(chunks, body, rows, width, dtype, device, inference):
-    torch.set_num_threads(1)
     workspace = ChunkWorkspace(rows, width, dtype, device)
     # Grad and inference mode are per thread: take the caller's inference mode; chunk ops are
     # never differentiated.
@@ -86,9 +85,7 @@ def for_each_chunk(num_rows: int, width: int, body: Callable, dtype: torch.dtype
         for start, end in chunks:
             body(start, end, workspace)
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    futures = []
+    futures, caller_threads = [], torch.get_num_threads()
     try:
         pool, inference = _pool(workers), torch.is_inference_mode_enabled()
         for i in range(workers):
@@ -96,7 +93,9 @@ def for_each_chunk(num_rows: int, width: int, body: Callable, dtype: torch.dtype
                                        inference))
     finally:
         errors = [future.exception() for future in futures]  # waits for every submitted worker
-        torch.set_num_threads(previous)
+        # A new worker's set_num_threads(1) also sets torch's process-wide default for threads
+        # that start later; put the caller's count back (the caller's own setting never changed).
+        torch.set_num_threads(caller_threads)
     for error in errors:
         if error is not None:
             raise error
@@ -115,6 +114,13 @@ class ChunkWorkspace:
         if name not in self._buffers:
             self._buffers[name] = torch.empty(self.rows, self.width, dtype=self.dtype, device=self.device)
         return self._buffers[name][:rows]
+
+
+def difference_into(out: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``first - second`` computed in ``out``'s dtype (a bf16 - bf16 op would round the result to bf16)."""
+    if first.dtype == out.dtype and second.dtype == out.dtype:
+        return torch.sub(first, second, out=out)
+    return out.copy_(first).sub_(second)
 
 
 def valid_columns(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

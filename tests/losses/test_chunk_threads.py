@@ -1,4 +1,6 @@
 """Chunk loops on CPU worker threads (row_ops.for_each_chunk) give exactly the serial results."""
+import threading
+
 import pytest
 import torch
 
@@ -27,6 +29,11 @@ def test_worker_threads_match_the_serial_loop_bitwise(cfg, monkeypatch):
     threads_before = torch.get_num_threads()
     threaded = _loss_and_grad(cfg, student, teacher)
     assert torch.get_num_threads() == threads_before
+    seen_by_a_new_thread = []
+    thread = threading.Thread(target=lambda: seen_by_a_new_thread.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen_by_a_new_thread == [threads_before]
     assert torch.equal(serial[0], threaded[0]) and torch.equal(serial[1], threaded[1])
 
 
