@@ -34,6 +34,8 @@ weights into one fp32 [tokens, V_local] buffer (the only large allocation); the 
 that buffer into the gradient in place (fp32 logits) without another exp. Other temporaries are
 chunk-sized and reused. A second backward through the same graph (retain_graph) recomputes.
 Statistics run in fp32 for fp32/bf16/fp16 logits (fp64 for fp64 logits).
+Large CPU inputs run both passes as fused compiled kernels instead of the chunk loops
+(csd_kernels.py, compiled.use_compiled); the per-row algebra and the collectives are shared.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .compiled import shift_from_maxima, use_compiled
+from .csd_kernels import csd_gradient, csd_local_moments
 from .csd_moments import (SOFTMAX_COLUMN, chunk_factor_weight, combine_shards, factor_moments, row_weight_scales,
                           to_global_frame)
 from .row_ops import (accumulation_dtype, chunk_row_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
@@ -171,8 +175,8 @@ class _CSDFunction(torch.autograd.Function):
         per_rank = torch.zeros(shard.world_size, rows, 3 * len(bases), dtype=dtype, device=student.device)
         local = per_rank[shard.rank]
         # The kept softmax weights; for fp32 logits it later becomes the gradient itself.
-        weights_store = None
-        if stored is not None and width:
+        weights_store, compiled = None, use_compiled(student, width)
+        if stored is not None and width and not compiled:
             weights_store = torch.empty(rows, student.shape[1] if student.dtype == dtype else width,
                                         dtype=dtype, device=student.device)
 
@@ -194,7 +198,13 @@ class _CSDFunction(torch.autograd.Function):
                 _redo_masked_rows(workspace, zs[start:end][redo], zt[start:end][redo], spec, width,
                                   local_shifts, local, weights_store, start + redo)
 
-        for_each_chunk(rows, width, chunk_moments, dtype, student.device)
+        if compiled:  # the same statistics from one fused kernel (csd_kernels.py); `masked` is unused then
+            padding = student.shape[1] - width if student.dtype == dtype else 0  # fp32: e becomes the gradient
+            maxima, moments, weights_store = csd_local_moments(zs, zt, padding, spec.temperature, bases, stored)
+            local_shifts = torch.cat((shift_from_maxima(*maxima[:2]), shift_from_maxima(*maxima[2:])), dim=-1)
+            local.copy_(torch.stack(moments, dim=-1))
+        else:
+            for_each_chunk(rows, width, chunk_moments, dtype, student.device)
         invalid = invalid_rows(local_shifts)  # NaN / +inf input: kept out of the MAX, poisons the SUM
         local_present = (local[:, 0] > 0) & ~invalid  # rows with a valid column on this shard
 
@@ -219,7 +229,7 @@ class _CSDFunction(torch.autograd.Function):
         offset = (local_shifts[:, 0] - global_shifts[:, 0]) - (local_shifts[:, 1] - global_shifts[:, 1])
         ctx.save_for_backward(student, teacher, local_shifts, global_shifts, masked, local_present & ~empty,
                               totals, m1 - offset, m2 - offset, loss.isnan())
-        ctx.spec, ctx.shard, ctx.weights_store = spec, shard, weights_store
+        ctx.spec, ctx.shard, ctx.weights_store, ctx.compiled = spec, shard, weights_store, compiled
         return loss
 
     @staticmethod
@@ -241,6 +251,12 @@ class _CSDFunction(torch.autograd.Function):
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) * spec.scale, loss_is_nan)
         w1, w2 = spec.weights
         zs, zt = student[:, :width], teacher[:, :width]
+        if ctx.compiled:
+            factor_scales = torch.stack([scales.get(base, torch.zeros_like(row_coeff)) for base in "STU"], dim=-1)
+            store = None if weights_store is None else weights_store[:, :width]
+            csd_gradient(zs, zt, store, None if in_place else grad[:, :width], local_shifts, torch.stack((m1, m2), -1),
+                         factor_scales, row_coeff, spec.temperature, spec.mix, spec.weights, stored)
+            return grad, None, None, None
 
         def chunk_grad(start, end, workspace):
             masked_rows = masked[start:end].nonzero().squeeze(-1)

@@ -34,6 +34,8 @@ logits (no exp); tvd recomputes p (one exp); jsd / skl / srkl recompute q (one e
 one fp32 [tokens, V_local] buffer (the gradient itself for fp32 logits) plus chunk-sized scratch.
 A second backward through the same graph (retain_graph) recomputes the buffer. Statistics are
 fp32 (fp64 for fp64 logits) whatever the input dtype.
+Large CPU inputs run the passes as fused compiled kernels (divergence_kernels.py,
+compiled.use_compiled); there the buffer keeps e_s and the backward recomputes q, p, m and h.
 """
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiled import shift_from_maxima, use_compiled
+from .divergence_kernels import divergence_first_pass, divergence_gradient, divergence_second_pass
 from .divergence_passes import (H_SCALE, ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
                                 student_probs, teacher_probs)
-from .row_ops import (accumulation_dtype, difference_into, finish_maxima, for_each_chunk, invalid_rows, nan_where_loss_is_nan_,
-                      safe_denominator, zero_empty_rows_)
+from .row_ops import (accumulation_dtype, difference_into, finish_maxima, for_each_chunk, invalid_rows,
+                      nan_where_loss_is_nan_, safe_denominator, zero_empty_rows_)
 from .vocab_shard import VocabShard
 
 KL_FAMILY = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
@@ -110,8 +114,13 @@ class _DivergenceFunction(torch.autograd.Function):
         dtype = accumulation_dtype(student.dtype)
         zs, zt = student[:, :width], teacher[:, :width]
         in_place = student.dtype == dtype  # the buffer becomes the gradient
-        store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
-        shifts, stats, masked = _first_pass(zs, zt, store[:, :width], spec)
+        compiled = use_compiled(student, width)
+        if compiled:  # the same statistics from fused kernels (divergence_kernels.py)
+            store, shifts, stats = _compiled_first_pass(zs, zt, student.shape[1] - width if in_place else 0, spec)
+            masked = None  # the kernels mask columns inline
+        else:
+            store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
+            shifts, stats, masked = _first_pass(zs, zt, store[:, :width], spec)
         invalid, present, empty, local, totals, offsets, scales = _normalisers(shifts, stats, shard, spec.temperature)
         sums = torch.zeros(rows, 2, dtype=dtype, device=student.device)  # this shard's [loss, sum h]
         if spec.objective in ONE_PASS:
@@ -119,6 +128,10 @@ class _DivergenceFunction(torch.autograd.Function):
             mass = local[:, weight] / totals[:, weight]
             log_gap = offsets[:, 0] - offsets[:, 1] if weight else offsets[:, 1] - offsets[:, 0]
             sums[:, 0] = torch.where(present, scales[:, weight] * stats[:, 2] + mass * log_gap, 0.0)
+        elif compiled:  # the store keeps e_s: the backward kernel recomputes q, p, m and h'
+            sums[:, 0], sums[:, 1] = divergence_second_pass(zs, zt, store[:, :width], shifts, offsets, scales[:, 0],
+                                                            spec.temperature, spec.objective, _share(spec))
+            sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         else:
             def second_pass(start, end, workspace):
                 chunk = store[start:end, :width].mul_(scales[start:end, 0:1])  # e_s -> q
@@ -133,7 +146,7 @@ class _DivergenceFunction(torch.autograd.Function):
         zero_empty_rows_(sums, empty)
         loss = sums[:, 0].clone()
         ctx.save_for_backward(student, teacher, shifts, offsets, scales, masked, sums[:, 1].clone(), loss)
-        ctx.spec, ctx.shard, ctx.store = spec, shard, store
+        ctx.spec, ctx.shard, ctx.store, ctx.compiled = spec, shard, store, compiled
         return loss
 
     @staticmethod
@@ -150,10 +163,16 @@ class _DivergenceFunction(torch.autograd.Function):
             grad[:, width:] = 0
         if width == 0:
             return grad, None, None, None
-        if store is None:
+        if store is None and ctx.compiled:  # e_s again, from the same kernel
+            store = _compiled_first_pass(student[:, :width], teacher[:, :width], 0, spec)[0]
+        elif store is None:
             store = _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, width)
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) / tau, loss.isnan())
         zs, zt = student[:, :width], teacher[:, :width]
+        if ctx.compiled:
+            _compiled_gradient(zs, zt, store[:, :width], None if in_place else grad[:, :width], shifts, offsets,
+                               scales, h_total, loss, row_coeff, spec)
+            return grad, None, None, None
 
         def chunk_grad(start, end, workspace):
             chunk_rows = masked[start:end].nonzero().squeeze(-1)
@@ -204,6 +223,31 @@ def _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, wi
 
     for_each_chunk(student.shape[0], width, chunk_store, dtype, student.device)
     return store
+
+
+def _share(spec):
+    """The first distribution's share of the mixture m (jsd: beta; skl, srkl: skew)."""
+    return spec.beta if spec.objective == "jsd" else spec.skew
+
+
+def _compiled_first_pass(zs, zt, padding, spec):
+    """Pass 1 by the fused kernel: (store e_s [rows, width + padding], shifts [rows, 2], stats [rows, 3])."""
+    maxima, (total_s, total_t, moment), store = divergence_first_pass(zs, zt, padding, spec.temperature,
+                                                                      spec.objective)
+    shifts = torch.cat((shift_from_maxima(*maxima[:2]), shift_from_maxima(*maxima[2:])), dim=-1)
+    stats = torch.stack((total_s, total_t, torch.zeros_like(total_s) if moment is None else moment), dim=-1)
+    return store, shifts, stats
+
+
+def _compiled_gradient(zs, zt, store, out, shifts, offsets, scales, h_total, loss, row_coeff, spec):
+    """The backward by the fused kernel (`store` holds e_s), with each objective's per-row term."""
+    tau, name = spec.temperature, spec.objective
+    row_term = h_total
+    if name == "rkl":
+        row_term = (shifts[:, 1] - shifts[:, 0]) + tau * (offsets[:, 1] - offsets[:, 0] - loss)
+    h_scale = H_SCALE[name](spec) if name in H_SCALE else 1.0
+    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name,
+                        _share(spec), h_scale)
 
 
 def divergence_loss(student, teacher, spec: DivergenceSpec, shard: VocabShard) -> torch.Tensor:

@@ -74,9 +74,10 @@ class _LogitMSEFunction(torch.autograd.Function):
             _gap_pass(student[:, :width], teacher[:, :width], store, torch.zeros_like(store[:, :2]),
                       torch.zeros(student.shape[0], dtype=torch.bool, device=student.device))
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(count.dtype) * ctx.scale / count, loss_is_nan)
-        if store.shape == student.shape:
+        if store.shape == student.shape:  # padded columns get 0, also on NaN rows
+            store[:, :width].mul_(row_coeff.unsqueeze(-1))
             store[:, width:] = 0
-            return store.mul_(row_coeff.unsqueeze(-1)), None, None, None
+            return store, None, None, None
         grad = torch.zeros_like(student, memory_format=torch.contiguous_format)
         grad[:, :width] = store.mul_(row_coeff.unsqueeze(-1))
         return grad, None, None, None

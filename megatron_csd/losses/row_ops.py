@@ -49,6 +49,11 @@ def _start_worker():
     torch.set_num_threads(1)  # this worker thread's own OpenMP setting, from its first op on
 
 
+def in_chunk_worker() -> bool:
+    """Whether the caller runs inside one of for_each_chunk's worker threads."""
+    return getattr(_IN_WORKER, "active", False)
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
@@ -80,7 +85,7 @@ def for_each_chunk(num_rows: int, width: int, body: Callable, dtype: torch.dtype
     """
     chunks = list(row_chunks(num_rows, width)) if width else []
     workers = min(len(chunks), LOSS_THREADS or torch.get_num_threads())
-    if device.type != "cpu" or workers <= 1 or getattr(_IN_WORKER, "active", False):
+    if device.type != "cpu" or workers <= 1 or in_chunk_worker():
         workspace = ChunkWorkspace(num_rows, width, dtype, device)
         for start, end in chunks:
             body(start, end, workspace)

@@ -96,7 +96,7 @@ def test_tvd_gradcheck_away_from_kinks():
 
 
 @pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=config_id)
-def test_inputs_are_not_modified_and_teacher_gets_no_gradient(cfg):
+def test_inputs_are_not_modified_and_teacher_gets_no_gradient(cfg, kernels):
     student, teacher = _logits()
     student_copy, teacher_copy = student.clone(), teacher.clone()
     leaf = student.requires_grad_(True)
@@ -106,7 +106,7 @@ def test_inputs_are_not_modified_and_teacher_gets_no_gradient(cfg):
     assert teacher_leaf.grad is None
 
 
-def test_all_masked_positions_give_zero_loss_and_gradient():
+def test_all_masked_positions_give_zero_loss_and_gradient(kernels):
     student, teacher = _logits(rows=3)
     teacher[:] = float("-inf")
     loss, grad = _loss_and_grad(student, teacher, LossConfig("csd"))
@@ -116,7 +116,7 @@ def test_all_masked_positions_give_zero_loss_and_gradient():
         assert torch.equal(loss, torch.zeros(3)) and torch.equal(grad, torch.zeros_like(grad)), objective
 
 
-def test_upstream_zero_gradient_gives_zero_gradient():
+def test_upstream_zero_gradient_gives_zero_gradient(kernels):
     student, teacher = _logits()
     leaf = student.requires_grad_(True)
     loss = distillation_loss(leaf, teacher, LossConfig("csd", weights="TS"))
@@ -168,8 +168,10 @@ def test_bad_inputs_raise_value_errors():
 
 
 @pytest.mark.parametrize("cfg", [LossConfig("csd", weights="SS"), LossConfig("csd", weights="TS"),
-                                 LossConfig("csd", weights="UU"), LossConfig("rkl"), LossConfig("dld")], ids=config_id)
-def test_second_backward_with_retained_graph_gives_the_same_gradient(cfg):
+                                 LossConfig("csd", weights="UU"), LossConfig("csd", weights="MM"), LossConfig("fkl"),
+                                 LossConfig("rkl"), LossConfig("jsd"), LossConfig("tvd"), LossConfig("srkl"),
+                                 LossConfig("dld")], ids=config_id)
+def test_second_backward_with_retained_graph_gives_the_same_gradient(cfg, kernels):
     student, teacher = _logits()
     leaf = student.requires_grad_(True)
     loss = distillation_loss(leaf, teacher, cfg).sum()

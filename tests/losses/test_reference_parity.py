@@ -26,7 +26,7 @@ def _assert_matches(student, teacher, cfg, vocab_size=None, grad_weights=None, r
 
 
 @pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=config_id)
-def test_loss_and_grad_match_dense_reference(cfg):
+def test_loss_and_grad_match_dense_reference(cfg, kernels):
     gen = torch.Generator().manual_seed(1)
     student = torch.randn(3, 5, 37, generator=gen) * 3
     teacher = torch.randn(3, 5, 37, generator=gen) * 3
@@ -35,7 +35,7 @@ def test_loss_and_grad_match_dense_reference(cfg):
 
 
 @pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=config_id)
-def test_padding_and_masked_columns_match_reference(cfg):
+def test_padding_and_masked_columns_match_reference(cfg, kernels):
     gen = torch.Generator().manual_seed(2)
     student = torch.randn(6, 29, generator=gen) * 2
     teacher = torch.randn(6, 29, generator=gen) * 2
@@ -61,7 +61,7 @@ def test_single_column_and_single_row_edge_shapes(objective):
         _assert_matches(student, teacher, cfg)
 
 
-def test_many_rows_cross_chunk_boundaries():
+def test_many_rows_cross_chunk_boundaries(kernels):
     """Rows >> chunk size exercise the chunk loop, with masked rows scattered across chunks."""
     gen = torch.Generator().manual_seed(3)
     student = torch.randn(300, 1000, generator=gen)
@@ -84,7 +84,7 @@ def test_many_rows_cross_chunk_boundaries():
                                  LossConfig("csd", weights="MM"), LossConfig("rkl"), LossConfig("jsd"),
                                  LossConfig("dld")], ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_accumulate_in_fp32(cfg, dtype):
+def test_low_precision_inputs_accumulate_in_fp32(cfg, dtype, kernels):
     gen = torch.Generator().manual_seed(4)
     student = (torch.randn(8, 300, generator=gen) * 4).to(dtype)
     teacher = (torch.randn(8, 300, generator=gen) * 4).to(dtype)
@@ -96,7 +96,7 @@ def test_low_precision_inputs_accumulate_in_fp32(cfg, dtype):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-2 * ref_grad.abs().max().item())
 
 
-def test_large_logit_gaps_keep_precision():
+def test_large_logit_gaps_keep_precision(kernels):
     """|d| ~ 1e3: offsets between the models, large spreads, confident disagreement.
 
     Tolerances follow what fp32 can resolve. "offset" (constant offsets of +-1000, gaps that vary
@@ -131,7 +131,7 @@ def test_large_logit_gaps_keep_precision():
 
 @pytest.mark.parametrize("cfg", [LossConfig(o) for o in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "dld")]
                          + [LossConfig("csd", weights=w) for w in ("SS", "TS", "MM")], ids=config_id)
-def test_low_precision_gradients_are_the_rounded_fp32_gradients(cfg):
+def test_low_precision_gradients_are_the_rounded_fp32_gradients(cfg, kernels):
     """bf16 logits: the gradient must be the fp32-accurate one, rounded once to bf16 (so within
     two bf16 ulps of the rounded fp64 reference); a gap taken in bf16 would be off by far more."""
     gen = torch.Generator().manual_seed(6)

@@ -5,6 +5,7 @@ import torch.distributed as dist
 
 from megatron_csd.losses import LossConfig, distillation_loss
 
+from ..conftest import use_kernels
 from ..spawn import run_distributed
 from .cases import ALL_CONFIGS, config_id
 from .dense_reference import dense_loss_and_grad
@@ -40,7 +41,8 @@ class _CollectiveCounter:
         dist.all_reduce = self._original
 
 
-def _sharded_matches_unsharded(rank, world_size, local_width, vocab_size):
+def _sharded_matches_unsharded(rank, world_size, local_width, vocab_size, kernels):
+    use_kernels(kernels)
     group = dist.new_group(list(range(world_size)))
     full_width = local_width * world_size
     columns = slice(rank * local_width, (rank + 1) * local_width)
@@ -75,9 +77,10 @@ def _sharded_matches_unsharded(rank, world_size, local_width, vocab_size):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, local_width, vocab_size", [
-    (2, 20, 37),   # rank 1 holds 17 real columns and 3 padded ones
-    (4, 10, 25),   # rank 2 is partly padded, rank 3 holds padding only
+@pytest.mark.parametrize("world_size, local_width, vocab_size, kernels", [
+    (2, 20, 37, "chunked"),   # rank 1 holds 17 real columns and 3 padded ones
+    (4, 10, 25, "chunked"),   # rank 2 is partly padded, rank 3 holds padding only
+    (2, 20, 37, "compiled"),  # the fused compiled CPU kernels, every objective
 ])
-def test_sharded_loss_and_gradients_equal_unsharded(world_size, local_width, vocab_size):
-    run_distributed(_sharded_matches_unsharded, world_size, local_width, vocab_size)
+def test_sharded_loss_and_gradients_equal_unsharded(world_size, local_width, vocab_size, kernels):
+    run_distributed(_sharded_matches_unsharded, world_size, local_width, vocab_size, kernels)

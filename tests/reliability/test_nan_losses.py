@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron_csd.losses import LossConfig, distillation_loss
 
 from ..losses.cases import ALL_CONFIGS, config_id
+from ..conftest import use_kernels
 from ..spawn import run_distributed
 
 BAD_VALUES = (float("nan"), float("inf"))
@@ -49,7 +50,7 @@ def _check(loss, grad, clean_loss, clean_grad, name):
 
 @pytest.mark.parametrize("which", ["student", "teacher"])
 @pytest.mark.parametrize("value", BAD_VALUES, ids=["nan", "posinf"])
-def test_nan_or_posinf_input_gives_nan_loss_and_gradient_tp1(which, value):
+def test_nan_or_posinf_input_gives_nan_loss_and_gradient_tp1(which, value, kernels):
     for index, cfg in enumerate(ALL_CONFIGS):
         student, teacher, upstream = _logits(13, seed=index)
         clean = student.clone().requires_grad_(True)
@@ -63,7 +64,7 @@ def test_nan_or_posinf_input_gives_nan_loss_and_gradient_tp1(which, value):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_nan_input_gives_nan_loss_in_other_dtypes(dtype):
+def test_nan_input_gives_nan_loss_in_other_dtypes(dtype, kernels):
     for cfg in (LossConfig("csd", weights="SS"), LossConfig("csd", weights="UU"), LossConfig("fkl"),
                 LossConfig("dld")):
         student, teacher, _ = _logits(13, seed=0, dtype=dtype)
@@ -77,7 +78,7 @@ def test_nan_input_gives_nan_loss_in_other_dtypes(dtype):
 
 @pytest.mark.parametrize("cfg", [LossConfig("csd", weights="SS"), LossConfig("csd", weights="TT"),
                                  LossConfig("rkl"), LossConfig("dld")], ids=config_id)
-def test_nan_facing_a_masked_column_is_still_invalid(cfg):
+def test_nan_facing_a_masked_column_is_still_invalid(cfg, kernels):
     """A NaN in a column the other input masks with -inf is still a broken input, not a mask."""
     student, teacher, _ = _logits(13, seed=3)
     student[_BAD_ROW, 6] = float("-inf")
@@ -86,7 +87,8 @@ def test_nan_facing_a_masked_column_is_still_invalid(cfg):
     assert torch.isnan(loss[_BAD_ROW]) and torch.isfinite(loss[[0, 2, 3, 4]]).all()
 
 
-def _sharded_invalid_token(rank, world_size):
+def _sharded_invalid_token(rank, world_size, kernels):
+    use_kernels(kernels)
     group = dist.new_group(list(range(world_size)))
     for bad_rank in range(world_size):
         _sharded_checks(rank, group, bad_rank)
@@ -115,7 +117,22 @@ def _sharded_checks(rank, group, bad_rank):
 
 
 @pytest.mark.slow
-def test_nan_or_posinf_on_one_shard_gives_nan_on_every_rank_tp2():
+@pytest.mark.parametrize("kernels", ["chunked", "compiled"])
+def test_nan_or_posinf_on_one_shard_gives_nan_on_every_rank_tp2(kernels):
     """The bad value sits on rank 0's shard, then on rank 1's; both ranks must see NaN."""
     assert len(EACH_OBJECTIVE) == 17  # 10 CSD weight pairs, 6 KL-family objectives, dld
-    run_distributed(_sharded_invalid_token, 2)
+    run_distributed(_sharded_invalid_token, 2, kernels)
+
+
+def test_padded_columns_of_an_invalid_token_get_zero_gradient_in_every_backward(kernels):
+    """Padding is not vocabulary: its gradient is 0 on every row, also on a NaN row, and a second
+    backward (retain_graph) gives the first one's NaN pattern (dld used to differ there)."""
+    for index, cfg in enumerate(EACH_OBJECTIVE):
+        student, teacher, _ = _logits(13, seed=index)
+        bad_student, bad_teacher = _corrupt(student, teacher, "student", float("nan"), column=4)
+        leaf = bad_student.requires_grad_(True)
+        loss = distillation_loss(leaf, bad_teacher, cfg, vocab_size=10).sum()
+        (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+        (second,) = torch.autograd.grad(loss, leaf)
+        assert first[_BAD_ROW, :10].isnan().all() and (first[:, 10:] == 0).all(), config_id(cfg)
+        assert torch.equal(first.isnan(), second.isnan()), config_id(cfg)
