@@ -55,7 +55,7 @@ def fused_kernel(function):
         nonlocal compiled
         if compiled is None:
             compiled = torch.compile(function, dynamic=True, fullgraph=True)
-        with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(recompile_limit=1024, fail_on_recompile_limit_hit=True):
             try:
                 return compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as error:
