@@ -94,3 +94,9 @@ def shift_from_maxima(plain: torch.Tensor, masked: torch.Tensor) -> torch.Tensor
     """
     maximum = torch.where(plain.isnan() | (plain == float("inf")), plain, masked)
     return torch.where(maximum == float("-inf"), 0.0, maximum)
+
+
+def shifts_of(maxima) -> torch.Tensor:
+    """Outside a kernel: [rows, 2] local shifts [sh_s, sh_t] from a kernel's four returned maxima
+    (plain and masked of zs, then of zt; see row_maxima)."""
+    return torch.cat((shift_from_maxima(*maxima[:2]), shift_from_maxima(*maxima[2:])), dim=-1)

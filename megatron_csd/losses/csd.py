@@ -44,7 +44,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .compiled import shift_from_maxima, use_compiled
+from .compiled import shifts_of, use_compiled
 from .csd_kernels import csd_gradient, csd_local_moments
 from .csd_moments import (SOFTMAX_COLUMN, chunk_factor_weight, combine_shards, factor_moments, row_weight_scales,
                           to_global_frame)
@@ -201,7 +201,7 @@ class _CSDFunction(torch.autograd.Function):
         if compiled:  # the same statistics from one fused kernel (csd_kernels.py); `masked` is unused then
             padding = student.shape[1] - width if student.dtype == dtype else 0  # fp32: e becomes the gradient
             maxima, moments, weights_store = csd_local_moments(zs, zt, padding, spec.temperature, bases, stored)
-            local_shifts = torch.cat((shift_from_maxima(*maxima[:2]), shift_from_maxima(*maxima[2:])), dim=-1)
+            local_shifts = shifts_of(maxima)
             local.copy_(torch.stack(moments, dim=-1))
         else:
             for_each_chunk(rows, width, chunk_moments, dtype, student.device)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compiled import shift_from_maxima, use_compiled
+from .compiled import shifts_of, use_compiled
 from .divergence_kernels import divergence_first_pass, divergence_gradient, divergence_second_pass
 from .divergence_passes import (H_SCALE, ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
                                 student_probs, teacher_probs)
@@ -234,7 +234,7 @@ def _compiled_first_pass(zs, zt, padding, spec):
     """Pass 1 by the fused kernel: (store e_s [rows, width + padding], shifts [rows, 2], stats [rows, 3])."""
     maxima, (total_s, total_t, moment), store = divergence_first_pass(zs, zt, padding, spec.temperature,
                                                                       spec.objective)
-    shifts = torch.cat((shift_from_maxima(*maxima[:2]), shift_from_maxima(*maxima[2:])), dim=-1)
+    shifts = shifts_of(maxima)
     stats = torch.stack((total_s, total_t, torch.zeros_like(total_s) if moment is None else moment), dim=-1)
     return store, shifts, stats
 
