@@ -35,7 +35,9 @@ one fp32 [tokens, V_local] buffer (the gradient itself for fp32 logits) plus chu
 A second backward through the same graph (retain_graph) recomputes the buffer. Statistics are
 fp32 (fp64 for fp64 logits) whatever the input dtype.
 Large CPU inputs run the passes as fused compiled kernels (divergence_kernels.py,
-compiled.use_compiled); there the buffer keeps e_s and the backward recomputes q, p, m and h.
+compiled.use_compiled): there pass 1 of tvd / jsd / skl / srkl writes nothing, pass 2 computes q
+from the logits (one more exp) and writes h' (tvd: q sign(q - p) / 2) into the buffer, and the
+backward recomputes q only.
 """
 from __future__ import annotations
 
@@ -128,8 +130,10 @@ class _DivergenceFunction(torch.autograd.Function):
             mass = local[:, weight] / totals[:, weight]
             log_gap = offsets[:, 0] - offsets[:, 1] if weight else offsets[:, 1] - offsets[:, 0]
             sums[:, 0] = torch.where(present, scales[:, weight] * stats[:, 2] + mass * log_gap, 0.0)
-        elif compiled:  # the store keeps e_s: the backward kernel recomputes q, p, m and h'
-            sums[:, 0], sums[:, 1] = divergence_second_pass(zs, zt, store[:, :width], shifts, offsets, scales[:, 0],
+        elif compiled:  # pass 2 writes the store: h'
+            store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
+            store[:, width:] = 0
+            sums[:, 0], sums[:, 1] = divergence_second_pass(zs, zt, store[:, :width], shifts, offsets,
                                                             spec.temperature, spec.objective, _share(spec))
             sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         else:
@@ -163,8 +167,8 @@ class _DivergenceFunction(torch.autograd.Function):
             grad[:, width:] = 0
         if width == 0:
             return grad, None, None, None
-        if store is None and ctx.compiled:  # e_s again, from the same kernel
-            store = _compiled_first_pass(student[:, :width], teacher[:, :width], 0, spec)[0]
+        if store is None and ctx.compiled:  # the store again, from the kernel that wrote it
+            store = _compiled_store(student[:, :width], teacher[:, :width], shifts, offsets, spec)
         elif store is None:
             store = _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, width)
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) / tau, loss.isnan())
@@ -231,23 +235,37 @@ def _share(spec):
 
 
 def _compiled_first_pass(zs, zt, padding, spec):
-    """Pass 1 by the fused kernel: (store e_s [rows, width + padding], shifts [rows, 2], stats [rows, 3])."""
-    maxima, (total_s, total_t, moment), store = divergence_first_pass(zs, zt, padding, spec.temperature,
-                                                                      spec.objective)
+    """Pass 1 by the fused kernel: (store [rows, width + padding] (fkl / rkl: e_s; otherwise None),
+    shifts [rows, 2], stats [rows, 3])."""
+    store = None
+    if spec.objective in ONE_PASS:
+        store = torch.empty(zs.shape[0], zs.shape[1] + padding, dtype=torch.float32, device=zs.device)
+        store[:, zs.shape[1]:] = 0
+    maxima, (total_s, total_t, moment) = divergence_first_pass(
+        zs, zt, None if store is None else store[:, :zs.shape[1]], spec.temperature, spec.objective)
     shifts = shifts_of(maxima)
     stats = torch.stack((total_s, total_t, torch.zeros_like(total_s) if moment is None else moment), dim=-1)
     return store, shifts, stats
 
 
+def _compiled_store(zs, zt, shifts, offsets, spec):
+    """The store as the forward's kernels left it, for a second backward (retain_graph)."""
+    if spec.objective in ONE_PASS:
+        return _compiled_first_pass(zs, zt, 0, spec)[0]
+    store = torch.empty(zs.shape, dtype=shifts.dtype, device=zs.device)
+    divergence_second_pass(zs, zt, store, shifts, offsets, spec.temperature, spec.objective, _share(spec))
+    return store
+
+
 def _compiled_gradient(zs, zt, store, out, shifts, offsets, scales, h_total, loss, row_coeff, spec):
-    """The backward by the fused kernel (`store` holds e_s), with each objective's per-row term."""
+    """The backward by the fused kernel (`store`: e_s for fkl / rkl, h' otherwise), with each
+    objective's per-row term."""
     tau, name = spec.temperature, spec.objective
     row_term = h_total
     if name == "rkl":
         row_term = (shifts[:, 1] - shifts[:, 0]) + tau * (offsets[:, 1] - offsets[:, 0] - loss)
     h_scale = H_SCALE[name](spec) if name in H_SCALE else 1.0
-    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name,
-                        _share(spec), h_scale)
+    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name, h_scale)
 
 
 def divergence_loss(student, teacher, spec: DivergenceSpec, shard: VocabShard) -> torch.Tensor:
