@@ -26,6 +26,8 @@ import sys
 import threading
 from typing import Optional
 
+from .console import say
+
 PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 1.0
 
@@ -70,6 +72,6 @@ def die_with_launcher(*, force: bool = False) -> Optional[str]:
                          daemon=True).start()
         mechanism = "watchdog"
     if os.getppid() != parent:  # the launcher died before we were armed
-        print("megatron_csd: the launcher (torchrun) is gone; exiting", file=sys.stderr, flush=True)
+        say("megatron_csd: the launcher (torchrun) is gone; exiting")
         os._exit(1)
     return mechanism

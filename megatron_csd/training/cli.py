@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from megatron_csd.parallel.console import say
+
 
 def main(argv=None) -> int:
     from megatron_csd.parallel.launcher_guard import die_with_launcher
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
     try:
         config = parse_config(argv)
     except (ValueError, TypeError) as err:
-        print(f"megatron_csd: configuration error: {err}", file=sys.stderr)
+        say(f"megatron_csd: configuration error: {err}")
         return 2
     announce_missing_gpu_extras()
     from megatron_csd.generation.errors import GenerationError
@@ -43,10 +45,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Start-up checks (layout, vocab, tokenizer, data) raise these with a message that
         # says what to change; a stack trace would only hide it.
-        print(f"megatron_csd: error: {err}", file=sys.stderr)
+        say(f"megatron_csd: error: {err}")
         return 2
     except (NonFiniteMetricError, GenerationError, CheckpointSaveError) as err:  # every rank stops, status 1
-        print(f"megatron_csd: run stopped: {err}", file=sys.stderr)
+        say(f"megatron_csd: run stopped: {err}")
         return 1
     finally:
         import torch.distributed as dist

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from collections import deque
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_csd.parallel.console import say
 
 CHECKED_METRICS = ("loss", "ce", "kd", "teacher_ce", "grad_norm")
 
@@ -102,6 +103,6 @@ class DivergenceMonitor:
                            f"{loss / median:.3g} x its running median {median:.4g} (threshold "
                            f"--divergence-warning-factor {self.factor:g}); the run may be diverging "
                            "(lower --lr?). Training continues.")
-                print(message, file=sys.stderr, flush=True)
+                say(message)
         self.history.append(loss)
         return message
