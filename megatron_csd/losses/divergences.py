@@ -131,10 +131,8 @@ class _DivergenceFunction(torch.autograd.Function):
             log_gap = offsets[:, 0] - offsets[:, 1] if weight else offsets[:, 1] - offsets[:, 0]
             sums[:, 0] = torch.where(present, scales[:, weight] * stats[:, 2] + mass * log_gap, 0.0)
         elif compiled:  # pass 2 writes the store: h'
-            store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
-            store[:, width:] = 0
-            sums[:, 0], sums[:, 1] = divergence_second_pass(zs, zt, store[:, :width], shifts, offsets,
-                                                            spec.temperature, spec.objective, _share(spec))
+            store, (sums[:, 0], sums[:, 1]) = _compiled_second_pass(zs, zt, student.shape[1] - width if in_place else 0,
+                                                                    shifts, offsets, spec)
             sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         else:
             def second_pass(start, end, workspace):
@@ -234,13 +232,18 @@ def _share(spec):
     return spec.beta if spec.objective == "jsd" else spec.skew
 
 
+def _padded_store(zs, padding):
+    """fp32 [rows, width + padding] for a kernel to fill (its first `width` columns); the padding
+    columns are 0 (the store becomes the gradient of fp32 logits)."""
+    store = torch.empty(zs.shape[0], zs.shape[1] + padding, dtype=torch.float32, device=zs.device)
+    store[:, zs.shape[1]:] = 0
+    return store
+
+
 def _compiled_first_pass(zs, zt, padding, spec):
     """Pass 1 by the fused kernel: (store [rows, width + padding] (fkl / rkl: e_s; otherwise None),
     shifts [rows, 2], stats [rows, 3])."""
-    store = None
-    if spec.objective in ONE_PASS:
-        store = torch.empty(zs.shape[0], zs.shape[1] + padding, dtype=torch.float32, device=zs.device)
-        store[:, zs.shape[1]:] = 0
+    store = _padded_store(zs, padding) if spec.objective in ONE_PASS else None
     maxima, (total_s, total_t, moment) = divergence_first_pass(
         zs, zt, None if store is None else store[:, :zs.shape[1]], spec.temperature, spec.objective)
     shifts = shifts_of(maxima)
@@ -248,13 +251,20 @@ def _compiled_first_pass(zs, zt, padding, spec):
     return store, shifts, stats
 
 
+def _compiled_second_pass(zs, zt, padding, shifts, offsets, spec):
+    """Pass 2 by the fused kernel (tvd, jsd, skl, srkl): (store h' [rows, width + padding],
+    (sum f, sum h') [rows])."""
+    store = _padded_store(zs, padding)
+    sums = divergence_second_pass(zs, zt, store[:, :zs.shape[1]], shifts, offsets, spec.temperature,
+                                  spec.objective, _share(spec))
+    return store, sums
+
+
 def _compiled_store(zs, zt, shifts, offsets, spec):
     """The store as the forward's kernels left it, for a second backward (retain_graph)."""
     if spec.objective in ONE_PASS:
         return _compiled_first_pass(zs, zt, 0, spec)[0]
-    store = torch.empty(zs.shape, dtype=shifts.dtype, device=zs.device)
-    divergence_second_pass(zs, zt, store, shifts, offsets, spec.temperature, spec.objective, _share(spec))
-    return store
+    return _compiled_second_pass(zs, zt, 0, shifts, offsets, spec)[0]
 
 
 def _compiled_gradient(zs, zt, store, out, shifts, offsets, scales, h_total, loss, row_coeff, spec):
