@@ -42,31 +42,32 @@ def divergence_first_pass(student, teacher, store, temperature, objective):
     return maxima, (e_s.sum(-1), e_t.sum(-1), moment)
 
 
-def _mixture_terms(zs, zt, valid, shifts, offsets, temperature, objective, share):
-    """Per column of pass 2: (f, h'), both 0 on masked columns (divergence_passes.py).
+def _mixture_terms(q, p, valid, log_ratios, mixture, frame, objective, share):
+    """Per column: (f, h'), both 0 on masked columns (divergence_passes.py).
 
-    q = exp(log q), p = exp(log p); m = share * first + (1 - share) * second (jsd, skl: first p;
-    srkl: first q), log m = log(max(m, tiny)); f the loss term; h' = h / H_SCALE:
+    q, p the probabilities; log_ratios = (log q - log m, log p - log m + C) with C a per-row
+    constant (0 in pass 2; the single pass removes C * sum p from sum f); m = mixture / frame
+    (frame: 1 in pass 2, Z_s in the single pass). m = share * first + (1 - share) * second (jsd,
+    skl: first p; srkl: first q); h' = h / H_SCALE:
       tvd  f = |q - p| / 2,                    h' = q sign(q - p) / 2
       jsd  f = b p (log p - log m) + (1 - b) h',  h' = q (log q - log m)
       skl  f = p (log p - log m),              h' = p q / m
       srkl f = q (log q - log m),              h' = q (log q - log m + 1 - a q / m)
     """
-    log_q = _log_probs(zs, shifts, offsets, 0, temperature)
-    log_p = _log_probs(zt, shifts, offsets, 1, temperature)
-    q = torch.where(valid, torch.exp(log_q), 0.0)
-    p = torch.where(valid, torch.exp(log_p), 0.0)
     if objective == "tvd":
         return torch.where(valid, 0.5 * (q - p).abs(), 0.0), torch.where(valid, 0.5 * q * torch.sign(q - p), 0.0)
-    first, second = (q, p) if objective == "srkl" else (p, q)
-    mixture = torch.clamp_min(share * first + (1 - share) * second, torch.finfo(torch.float32).tiny)
-    log_m = torch.log(mixture)
+    gap_q, gap_p = log_ratios
     if objective == "skl":
-        return torch.where(valid, p * (log_p - log_m), 0.0), torch.where(valid, q * p / mixture, 0.0)
-    student_term = torch.where(valid, q * (log_q - log_m), 0.0)
+        return torch.where(valid, p * gap_p, 0.0), torch.where(valid, q * p * frame / mixture, 0.0)
+    student_term = torch.where(valid, q * gap_q, 0.0)
     if objective == "jsd":
-        return share * torch.where(valid, p * (log_p - log_m), 0.0) + (1 - share) * student_term, student_term
-    return student_term, torch.where(valid, q * (log_q - log_m + 1 - share * q / mixture), 0.0)  # srkl
+        return share * torch.where(valid, p * gap_p, 0.0) + (1 - share) * student_term, student_term
+    return student_term, torch.where(valid, q * (gap_q + 1 - share * q * frame / mixture), 0.0)  # srkl
+
+
+def _tiny_floor(mixture):
+    """log m = log(max(m, tiny)): m underflows where q and p both do."""
+    return torch.clamp_min(mixture, torch.finfo(torch.float32).tiny)
 
 
 @fused_kernel
@@ -75,9 +76,59 @@ def divergence_second_pass(student, teacher, store, shifts, offsets, temperature
     [rows, V], possibly a column slice of the buffer that becomes the gradient)."""
     zs, zt = accumulate(student), accumulate(teacher)
     valid = column_mask(zs, zt)
-    loss, h_prime = _mixture_terms(zs, zt, valid, shifts, offsets, temperature, objective, share)
+    log_q = _log_probs(zs, shifts, offsets, 0, temperature)
+    log_p = _log_probs(zt, shifts, offsets, 1, temperature)
+    q = torch.where(valid, torch.exp(log_q), 0.0)
+    p = torch.where(valid, torch.exp(log_p), 0.0)
+    mixture = log_ratios = None
+    if objective != "tvd":
+        first, second = (q, p) if objective == "srkl" else (p, q)
+        mixture = _tiny_floor(share * first + (1 - share) * second)
+        log_m = torch.log(mixture)
+        log_ratios = (log_q - log_m, log_p - log_m)
+    loss, h_prime = _mixture_terms(q, p, valid, log_ratios, mixture, 1.0, objective, share)
     store.copy_(h_prime)
     return loss.sum(-1), h_prime.sum(-1)
+
+
+@fused_kernel
+def divergence_single_pass(student, teacher, store, temperature, objective, share):
+    """Without tensor parallelism (fkl, tvd, jsd, skl, srkl): every pass and the gradient in one.
+
+    Per row, in one loop over rows whose row-sized intermediates (e_s, e_t, ...) stay in
+    Inductor's per-thread row buffers: maxima, e = exp(a) (two exps), Z = sum e, q = e_s / Z_s,
+    p = e_t / Z_t, one log of Z_s m = share * first + (1 - share) * second scaled by Z_s
+    (a per-row log of Z would split the loop, so log q - log m = a_s - log(Z_s m) and
+    log p - log m = a_t - log(Z_s m) - C with C = log(Z_t / Z_s) left to the caller), f, h' and
+    H = sum h'; writes the gradient up to its per-row factor, h' - q H, into `store`.
+    Returns (maxima as divergence_first_pass, (Z_s, Z_t, sum f without the C term, H) [rows]).
+    fkl: writes q - p; returns (maxima, (Z_s, Z_t, D, None)), D as divergence_first_pass.
+    """
+    zs, zt = accumulate(student), accumulate(teacher)
+    valid = column_mask(zs, zt)
+    maxima = row_maxima(zs, valid) + row_maxima(zt, valid)
+    a_s = (zs - shift_from_maxima(*maxima[:2])) / temperature
+    a_t = (zt - shift_from_maxima(*maxima[2:])) / temperature
+    e_s = torch.where(valid, torch.exp(a_s), 0.0)
+    e_t = torch.where(valid, torch.exp(a_t), 0.0)
+    total_s, total_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
+    q = e_s / torch.where(total_s > 0, total_s, 1.0)
+    p = e_t / torch.where(total_t > 0, total_t, 1.0)
+    if objective == "fkl":
+        store.copy_(q - p)
+        moment = (e_t * torch.where(valid, a_t - a_s, 0.0)).sum(-1)
+        return maxima, (total_s.squeeze(-1), total_t.squeeze(-1), moment, None)
+    scaled_mixture = log_ratios = None
+    if objective != "tvd":
+        teacher_part = e_t * (total_s / torch.where(total_t > 0, total_t, 1.0))  # Z_s p
+        first, second = (e_s, teacher_part) if objective == "srkl" else (teacher_part, e_s)
+        scaled_mixture = _tiny_floor(share * first + (1 - share) * second)
+        log_scaled = torch.log(scaled_mixture)
+        log_ratios = (a_s - log_scaled, a_t - log_scaled)
+    loss, h_prime = _mixture_terms(q, p, valid, log_ratios, scaled_mixture, total_s, objective, share)
+    h_total = h_prime.sum(-1, keepdim=True)
+    store.copy_(h_prime - q * h_total)
+    return maxima, (total_s.squeeze(-1), total_t.squeeze(-1), loss.sum(-1), h_total.squeeze(-1))
 
 
 @fused_kernel

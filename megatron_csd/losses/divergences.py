@@ -35,9 +35,12 @@ one fp32 [tokens, V_local] buffer (the gradient itself for fp32 logits) plus chu
 A second backward through the same graph (retain_graph) recomputes the buffer. Statistics are
 fp32 (fp64 for fp64 logits) whatever the input dtype.
 Large CPU inputs run the passes as fused compiled kernels (divergence_kernels.py,
-compiled.use_compiled): there pass 1 of tvd / jsd / skl / srkl writes nothing, pass 2 computes q
-from the logits (one more exp) and writes h' (tvd: q sign(q - p) / 2) into the buffer, and the
-backward recomputes q only.
+compiled.use_compiled). Under tensor parallelism pass 1 of tvd / jsd / skl / srkl writes nothing,
+pass 2 computes q from the logits (one more exp) and writes h' (tvd: q sign(q - p) / 2) into the
+buffer, and the backward recomputes q only. Without it (no collective between the passes) one
+kernel does every pass and the gradient's row sum per row, in cache: two exps and one log per
+element in all (fkl, tvd: no log), the buffer holds the gradient up to its per-row factor
+(fkl: q - p; the others: h' - q sum h'), and the backward only scales it. rkl keeps its passes.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from .compiled import shifts_of, use_compiled
-from .divergence_kernels import divergence_first_pass, divergence_gradient, divergence_second_pass
+from .divergence_kernels import (divergence_first_pass, divergence_gradient, divergence_second_pass,
+                                 divergence_single_pass)
 from .divergence_passes import (H_SCALE, ONE_PASS, first_pass_chunk, mask_rows_, redo_masked_rows, second_pass_chunk,
                                 student_probs, teacher_probs)
 from .row_ops import (accumulation_dtype, difference_into, finish_maxima, for_each_chunk, invalid_rows,
@@ -117,8 +121,13 @@ class _DivergenceFunction(torch.autograd.Function):
         zs, zt = student[:, :width], teacher[:, :width]
         in_place = student.dtype == dtype  # the buffer becomes the gradient
         compiled = use_compiled(student, width)
-        if compiled:  # the same statistics from fused kernels (divergence_kernels.py)
-            store, shifts, stats = _compiled_first_pass(zs, zt, student.shape[1] - width if in_place else 0, spec)
+        padding = student.shape[1] - width if in_place else 0
+        single = compiled and one_kernel(spec, shard)
+        if single:  # one fused kernel: the statistics and the gradient up to its per-row factor
+            store, shifts, stats, single_sums = _compiled_single_pass(zs, zt, padding, spec)
+            masked = None
+        elif compiled:  # the same statistics from fused kernels (divergence_kernels.py)
+            store, shifts, stats = _compiled_first_pass(zs, zt, padding, spec)
             masked = None  # the kernels mask columns inline
         else:
             store = torch.empty(rows, student.shape[1] if in_place else width, dtype=dtype, device=student.device)
@@ -130,9 +139,12 @@ class _DivergenceFunction(torch.autograd.Function):
             mass = local[:, weight] / totals[:, weight]
             log_gap = offsets[:, 0] - offsets[:, 1] if weight else offsets[:, 1] - offsets[:, 0]
             sums[:, 0] = torch.where(present, scales[:, weight] * stats[:, 2] + mass * log_gap, 0.0)
+        elif single:  # the kernel's sum f lacks -C sum p (C = c_t - c_s, sum p = 1)
+            sums[:, 0] = single_sums[0] - _TEACHER_SHARE[spec.objective](spec) * (offsets[:, 1] - offsets[:, 0])
+            sums[:, 1] = single_sums[1]
+            sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         elif compiled:  # pass 2 writes the store: h'
-            store, (sums[:, 0], sums[:, 1]) = _compiled_second_pass(zs, zt, student.shape[1] - width if in_place else 0,
-                                                                    shifts, offsets, spec)
+            store, (sums[:, 0], sums[:, 1]) = _compiled_second_pass(zs, zt, padding, shifts, offsets, spec)
             sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         else:
             def second_pass(start, end, workspace):
@@ -148,7 +160,7 @@ class _DivergenceFunction(torch.autograd.Function):
         zero_empty_rows_(sums, empty)
         loss = sums[:, 0].clone()
         ctx.save_for_backward(student, teacher, shifts, offsets, scales, masked, sums[:, 1].clone(), loss)
-        ctx.spec, ctx.shard, ctx.store, ctx.compiled = spec, shard, store, compiled
+        ctx.spec, ctx.shard, ctx.store, ctx.compiled, ctx.single = spec, shard, store, compiled, single
         return loss
 
     @staticmethod
@@ -165,12 +177,18 @@ class _DivergenceFunction(torch.autograd.Function):
             grad[:, width:] = 0
         if width == 0:
             return grad, None, None, None
-        if store is None and ctx.compiled:  # the store again, from the kernel that wrote it
-            store = _compiled_store(student[:, :width], teacher[:, :width], shifts, offsets, spec)
+        zs, zt = student[:, :width], teacher[:, :width]
+        if store is None and ctx.single:  # the store again, from the kernel that wrote it
+            store = _compiled_single_pass(zs, zt, 0, spec)[0]
+        elif store is None and ctx.compiled:
+            store = _compiled_store(zs, zt, shifts, offsets, spec)
         elif store is None:
             store = _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, width)
         row_coeff = nan_where_loss_is_nan_(grad_loss.to(dtype) / tau, loss.isnan())
-        zs, zt = student[:, :width], teacher[:, :width]
+        if ctx.single:  # the store holds q - p (fkl) or h' - q sum h'
+            factor = (row_coeff * _h_scale(spec)).unsqueeze(-1)
+            torch.mul(store[:, :width], factor, out=grad[:, :width])
+            return grad, None, None, None
         if ctx.compiled:
             _compiled_gradient(zs, zt, store[:, :width], None if in_place else grad[:, :width], shifts, offsets,
                                scales, h_total, loss, row_coeff, spec)
@@ -227,6 +245,11 @@ def _recompute_store(student, teacher, shifts, offsets, scales, masked, spec, wi
     return store
 
 
+def _h_scale(spec):
+    """h / h' (divergence_passes.H_SCALE; 1 for tvd, whose store holds h itself)."""
+    return H_SCALE[spec.objective](spec) if spec.objective in H_SCALE else 1.0
+
+
 def _share(spec):
     """The first distribution's share of the mixture m (jsd: beta; skl, srkl: skew)."""
     return spec.beta if spec.objective == "jsd" else spec.skew
@@ -238,6 +261,32 @@ def _padded_store(zs, padding):
     store = torch.empty(zs.shape[0], zs.shape[1] + padding, dtype=torch.float32, device=zs.device)
     store[:, zs.shape[1]:] = 0
     return store
+
+
+def one_kernel(spec, shard):
+    """Whether the compiled path runs divergence_single_pass (every objective but rkl, at TP 1):
+    with tensor parallelism the passes need the all-reduces between them; rkl's gradient needs its
+    loss, a per-row log that would split the kernel's loop (and its backward has no exp anyway)."""
+    return not shard.distributed and spec.objective != "rkl"
+
+
+_TEACHER_SHARE = {"tvd": lambda spec: 0.0, "jsd": lambda spec: spec.beta, "skl": lambda spec: 1.0,
+                  "srkl": lambda spec: 0.0}
+"""Weight of sum p (log p - log m) in each mixture objective's loss."""
+
+
+def _compiled_single_pass(zs, zt, padding, spec):
+    """The single fused kernel (no tensor parallelism; not rkl): (store [rows, width + padding],
+    shifts [rows, 2], stats [rows, 3], (sum f without C, sum h') [rows] or None for fkl). The store
+    holds the gradient up to its per-row factor: q - p (fkl), h' - q sum h' (the others)."""
+    store = _padded_store(zs, padding)
+    maxima, (total_s, total_t, loss, h_total) = divergence_single_pass(
+        zs, zt, store[:, :zs.shape[1]], spec.temperature, spec.objective, _share(spec))
+    if spec.objective == "fkl":  # loss is pass 1's moment D
+        stats = torch.stack((total_s, total_t, loss), dim=-1)
+        return store, shifts_of(maxima), stats, None
+    stats = torch.stack((total_s, total_t, torch.zeros_like(total_s)), dim=-1)
+    return store, shifts_of(maxima), stats, (loss, h_total)
 
 
 def _compiled_first_pass(zs, zt, padding, spec):
@@ -274,8 +323,7 @@ def _compiled_gradient(zs, zt, store, out, shifts, offsets, scales, h_total, los
     row_term = h_total
     if name == "rkl":
         row_term = (shifts[:, 1] - shifts[:, 0]) + tau * (offsets[:, 1] - offsets[:, 0] - loss)
-    h_scale = H_SCALE[name](spec) if name in H_SCALE else 1.0
-    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name, h_scale)
+    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name, _h_scale(spec))
 
 
 def divergence_loss(student, teacher, spec: DivergenceSpec, shard: VocabShard) -> torch.Tensor:

@@ -17,7 +17,9 @@ from megatron_csd.losses import LossConfig, compiled, csd, distillation_loss, di
 from .cases import ALL_CONFIGS, config_id
 
 KERNELS = {csd: ("csd_local_moments", "csd_gradient"),
-           divergences: ("divergence_first_pass", "divergence_second_pass", "divergence_gradient")}
+           divergences: ("divergence_first_pass", "divergence_second_pass", "divergence_single_pass",
+                         "divergence_gradient")}
+ONE_KERNEL = ("fkl", "tvd", "jsd", "skl", "srkl")  # one kernel without tensor parallelism
 
 
 def _awkward_logits(dtype, rows=37, width=300):
@@ -52,20 +54,29 @@ def _count_kernel_calls(monkeypatch):
 # and fp16 for two (each new dtype and objective is a kernel compile of a few seconds in CI).
 _LOW_PRECISION = [LossConfig("csd", weights=w) for w in ("SS", "TS", "MM")] + [
     LossConfig(o) for o in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")]
+# These again with the kernels tensor parallelism uses (pass 1, [pass 2,] gradient) at TP 1.
+_SPLIT = "split"
 CASES = ([(c, torch.float32) for c in ALL_CONFIGS if c.objective != "dld"]
+         + [(LossConfig(o), _SPLIT) for o in ONE_KERNEL]
          + [(c, torch.bfloat16) for c in _LOW_PRECISION]
          + [(c, torch.float16) for c in (LossConfig("csd", weights="TS"), LossConfig("jsd"))])
 
 
 @pytest.mark.parametrize("cfg, dtype", CASES, ids=lambda case: config_id(case) if isinstance(case, LossConfig) else str(case))
 def test_compiled_kernels_match_the_chunked_passes_on_invalid_and_masked_input(cfg, dtype, monkeypatch):
+    split, dtype = dtype == _SPLIT, torch.float32 if dtype == _SPLIT else dtype
+    if split:
+        monkeypatch.setattr(divergences, "one_kernel", lambda spec, shard: False)
     student, teacher = _awkward_logits(dtype)
     monkeypatch.setattr(compiled, "COMPILED_MIN_ELEMENTS", 1 << 62)
     chunked_loss, chunked_grad = _loss_and_grad(student, teacher, cfg, vocab_size=290)
     monkeypatch.setattr(compiled, "COMPILED_MIN_ELEMENTS", 0)
     calls = _count_kernel_calls(monkeypatch)
     loss, grad = _loss_and_grad(student, teacher, cfg, vocab_size=290)
-    assert calls and calls[-1].endswith("gradient"), calls
+    if cfg.objective in ONE_KERNEL and not split:
+        assert calls == ["divergence_single_pass"], calls
+    else:
+        assert calls and calls[-1].endswith("gradient"), calls
     assert torch.equal(loss.isnan(), chunked_loss.isnan()) and torch.equal(grad.isnan(), chunked_grad.isnan())
     assert loss[[6, 7, 8]].isnan().all() and loss[5] == 0 and (grad[5] == 0).all() and (grad[:, 290:] == 0).all()
     torch.testing.assert_close(loss, chunked_loss, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -169,8 +169,8 @@ def test_bad_inputs_raise_value_errors():
 
 @pytest.mark.parametrize("cfg", [LossConfig("csd", weights="SS"), LossConfig("csd", weights="TS"),
                                  LossConfig("csd", weights="UU"), LossConfig("csd", weights="MM"), LossConfig("fkl"),
-                                 LossConfig("rkl"), LossConfig("jsd"), LossConfig("tvd"), LossConfig("srkl"),
-                                 LossConfig("dld")], ids=config_id)
+                                 LossConfig("rkl"), LossConfig("jsd"), LossConfig("tvd"), LossConfig("skl"),
+                                 LossConfig("srkl"), LossConfig("dld")], ids=config_id)
 def test_second_backward_with_retained_graph_gives_the_same_gradient(cfg, kernels):
     student, teacher = _logits()
     leaf = student.requires_grad_(True)
