@@ -2,8 +2,9 @@
 
 The loss tests that take the `kernels` fixture (tests/conftest.py) already run every objective on
 both paths against the dense fp64 reference, at TP 1 and TP 2; here: when the kernels are used,
-that they really ran, bf16 / fp16 and invalid input against the chunked passes, their memory, and
-what a user sees when compiling fails.
+that they really ran, bf16 / fp16 and invalid input against the chunked passes, the one kernel at
+TP 1 at a real vocabulary against fp64 and the split kernels, their memory, and what a user sees
+when compiling fails.
 """
 import json
 import subprocess
@@ -86,6 +87,30 @@ def test_compiled_kernels_match_the_chunked_passes_on_invalid_and_masked_input(c
     # fp32: srkl's gradient h' - q sum h' cancels, both paths are within 1e-5 of the largest element.
     atol = 1e-5 * chunked_grad.float().nan_to_num().abs().max().item() + (2 ** -24 if dtype == torch.float16 else 0)
     torch.testing.assert_close(grad.float(), chunked_grad.float(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("objective", ONE_KERNEL)
+def test_one_kernel_matches_fp64_and_the_split_kernels_at_a_real_vocabulary(objective, monkeypatch):
+    """At V = 32000 with a peaked teacher and a flat student (|log(Z_t / Z_s)| large: the per-row
+    constant the one kernel removes from the loss) and with two close distributions (small loss):
+    the loss within 5e-5 of fp64, the gradient equal to the split kernels' (TP > 1's)."""
+    gen = torch.Generator().manual_seed(5)
+    flat, peaked = torch.randn(8, 32000, generator=gen), torch.randn(8, 32000, generator=gen) * 6
+    close = torch.randn(8, 32000, generator=gen) * 3
+    student = torch.cat((flat, peaked, close))
+    teacher = torch.cat((peaked, flat, close * 0.9 + torch.randn(8, 32000, generator=gen) * 0.5))
+    cfg = LossConfig(objective)
+    monkeypatch.setattr(compiled, "COMPILED_MIN_ELEMENTS", 1 << 62)
+    reference, _ = _loss_and_grad(student.double(), teacher.double(), cfg, vocab_size=None)
+    monkeypatch.setattr(compiled, "COMPILED_MIN_ELEMENTS", 0)
+    calls = _count_kernel_calls(monkeypatch)
+    loss, grad = _loss_and_grad(student, teacher, cfg, vocab_size=None)
+    assert calls == ["divergence_single_pass"], calls
+    torch.testing.assert_close(loss.double(), reference, rtol=5e-5, atol=0)
+    monkeypatch.setattr(divergences, "one_kernel", lambda spec, shard: False)
+    split_loss, split_grad = _loss_and_grad(student, teacher, cfg, vocab_size=None)
+    torch.testing.assert_close(loss, split_loss, rtol=5e-5, atol=0)
+    torch.testing.assert_close(grad, split_grad, rtol=1e-5, atol=1e-5 * split_grad.abs().max().item())
 
 
 def test_compiled_kernels_apply_to_large_cpu_logits_only(monkeypatch):
