@@ -17,6 +17,24 @@ def _log_probs(logits, shifts, offsets, column, temperature):
     return (logits - shifts[:, column:column + 1]) / temperature - offsets[:, column:column + 1]
 
 
+def _local_exps(student, teacher, temperature):
+    """(column mask, the four row maxima, (a_s, a_t), (e_s, e_t) = exp(a), 0 on masked columns)."""
+    zs, zt = accumulate(student), accumulate(teacher)
+    valid = column_mask(zs, zt)
+    maxima = row_maxima(zs, valid) + row_maxima(zt, valid)
+    a_s = (zs - shift_from_maxima(*maxima[:2])) / temperature
+    a_t = (zt - shift_from_maxima(*maxima[2:])) / temperature
+    e_s, e_t = torch.where(valid, torch.exp(a_s), 0.0), torch.where(valid, torch.exp(a_t), 0.0)
+    return valid, maxima, (a_s, a_t), (e_s, e_t)
+
+
+def _moment(valid, a_s, a_t, e_s, e_t, objective):
+    """D = sum e_t (a_t - a_s) (fkl) or sum e_s (a_s - a_t) (rkl), per row."""
+    if objective == "fkl":
+        return (e_t * torch.where(valid, a_t - a_s, 0.0)).sum(-1)
+    return (e_s * torch.where(valid, a_s - a_t, 0.0)).sum(-1)
+
+
 @fused_kernel
 def divergence_first_pass(student, teacher, store, temperature, objective):
     """Pass 1: (maxima (4 x [rows, 1], plain / masked of zs then zt), (Z_s, Z_t, D) [rows]).
@@ -25,18 +43,8 @@ def divergence_first_pass(student, teacher, store, temperature, objective):
     buffer that becomes the gradient); D = sum e_t (a_t - a_s) (fkl), sum e_s (a_s - a_t) (rkl).
     Otherwise `store` is None and so is D (pass 2 writes the store).
     """
-    zs, zt = accumulate(student), accumulate(teacher)
-    valid = column_mask(zs, zt)
-    maxima = row_maxima(zs, valid) + row_maxima(zt, valid)
-    a_s = (zs - shift_from_maxima(*maxima[:2])) / temperature
-    a_t = (zt - shift_from_maxima(*maxima[2:])) / temperature
-    e_s = torch.where(valid, torch.exp(a_s), 0.0)
-    e_t = torch.where(valid, torch.exp(a_t), 0.0)
-    moment = None
-    if objective == "fkl":
-        moment = (e_t * torch.where(valid, a_t - a_s, 0.0)).sum(-1)
-    elif objective == "rkl":
-        moment = (e_s * torch.where(valid, a_s - a_t, 0.0)).sum(-1)
+    valid, maxima, (a_s, a_t), (e_s, e_t) = _local_exps(student, teacher, temperature)
+    moment = _moment(valid, a_s, a_t, e_s, e_t, objective) if objective in ("fkl", "rkl") else None
     if store is not None:
         store.copy_(e_s)
     return maxima, (e_s.sum(-1), e_t.sum(-1), moment)
@@ -104,19 +112,13 @@ def divergence_single_pass(student, teacher, store, temperature, objective, shar
     Returns (maxima as divergence_first_pass, (Z_s, Z_t, sum f without the C term, H) [rows]).
     fkl: writes q - p; returns (maxima, (Z_s, Z_t, D, None)), D as divergence_first_pass.
     """
-    zs, zt = accumulate(student), accumulate(teacher)
-    valid = column_mask(zs, zt)
-    maxima = row_maxima(zs, valid) + row_maxima(zt, valid)
-    a_s = (zs - shift_from_maxima(*maxima[:2])) / temperature
-    a_t = (zt - shift_from_maxima(*maxima[2:])) / temperature
-    e_s = torch.where(valid, torch.exp(a_s), 0.0)
-    e_t = torch.where(valid, torch.exp(a_t), 0.0)
+    valid, maxima, (a_s, a_t), (e_s, e_t) = _local_exps(student, teacher, temperature)
     total_s, total_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
     q = e_s / torch.where(total_s > 0, total_s, 1.0)
     p = e_t / torch.where(total_t > 0, total_t, 1.0)
     if objective == "fkl":
         store.copy_(q - p)
-        moment = (e_t * torch.where(valid, a_t - a_s, 0.0)).sum(-1)
+        moment = _moment(valid, a_s, a_t, e_s, e_t, objective)
         return maxima, (total_s.squeeze(-1), total_t.squeeze(-1), moment, None)
     scaled_mixture = log_ratios = None
     if objective != "tvd":
