@@ -54,8 +54,8 @@ def _mixture_terms(q, p, valid, log_ratios, mixture, frame, objective, share):
     """Per column: (f, h'), both 0 on masked columns (divergence_passes.py).
 
     q, p the probabilities; log_ratios = (log q - log m, log p - log m + C) with C a per-row
-    constant (0 in pass 2; the single pass removes C * sum p from sum f); m = mixture / frame
-    (frame: 1 in pass 2, Z_s in the single pass). m = share * first + (1 - share) * second (jsd,
+    constant (0 in pass 2; in the single pass the caller removes the teacher term's share of
+    C * sum p from sum f); m = mixture / frame (frame: 1 in pass 2, Z_s in the single pass). m = share * first + (1 - share) * second (jsd,
     skl: first p; srkl: first q); h' = h / H_SCALE:
       tvd  f = |q - p| / 2,                    h' = q sign(q - p) / 2
       jsd  f = b p (log p - log m) + (1 - b) h',  h' = q (log q - log m)
@@ -73,9 +73,11 @@ def _mixture_terms(q, p, valid, log_ratios, mixture, frame, objective, share):
     return student_term, torch.where(valid, q * (gap_q + 1 - share * q * frame / mixture), 0.0)  # srkl
 
 
-def _tiny_floor(mixture):
-    """log m = log(max(m, tiny)): m underflows where q and p both do."""
-    return torch.clamp_min(mixture, torch.finfo(torch.float32).tiny)
+def _tiny_floor(mixture, frame=1.0):
+    """m = mixture / frame floored at tiny, as mixture floored at tiny * frame (log m =
+    log(max(m, tiny)) on both paths): m underflows where q and p both do."""
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.clamp_min(mixture, tiny) if isinstance(frame, float) else torch.maximum(mixture, tiny * frame)
 
 
 @fused_kernel
@@ -114,20 +116,20 @@ def divergence_single_pass(student, teacher, store, temperature, objective, shar
     """
     valid, maxima, (a_s, a_t), (e_s, e_t) = _local_exps(student, teacher, temperature)
     total_s, total_t = e_s.sum(-1, keepdim=True), e_t.sum(-1, keepdim=True)
-    q = e_s / torch.where(total_s > 0, total_s, 1.0)
-    p = e_t / torch.where(total_t > 0, total_t, 1.0)
+    safe_s, safe_t = torch.where(total_s > 0, total_s, 1.0), torch.where(total_t > 0, total_t, 1.0)
+    q, p = e_s / safe_s, e_t / safe_t
     if objective == "fkl":
         store.copy_(q - p)
         moment = _moment(valid, a_s, a_t, e_s, e_t, objective)
         return maxima, (total_s.squeeze(-1), total_t.squeeze(-1), moment, None)
     scaled_mixture = log_ratios = None
     if objective != "tvd":
-        teacher_part = e_t * (total_s / torch.where(total_t > 0, total_t, 1.0))  # Z_s p
+        teacher_part = e_t * (total_s / safe_t)  # Z_s p
         first, second = (e_s, teacher_part) if objective == "srkl" else (teacher_part, e_s)
-        scaled_mixture = _tiny_floor(share * first + (1 - share) * second)
+        scaled_mixture = _tiny_floor(share * first + (1 - share) * second, safe_s)
         log_scaled = torch.log(scaled_mixture)
         log_ratios = (a_s - log_scaled, a_t - log_scaled)
-    loss, h_prime = _mixture_terms(q, p, valid, log_ratios, scaled_mixture, total_s, objective, share)
+    loss, h_prime = _mixture_terms(q, p, valid, log_ratios, scaled_mixture, safe_s, objective, share)
     h_total = h_prime.sum(-1, keepdim=True)
     store.copy_(h_prime - q * h_total)
     return maxima, (total_s.squeeze(-1), total_t.squeeze(-1), loss.sum(-1), h_total.squeeze(-1))

@@ -25,7 +25,7 @@ Passes (row chunks that stay in cache) and collectives (tensor-parallel group):
   fkl / rkl: the loss is a per-row function of the moments; per shard k (P_k, Q_k its mass under
     p, q):  fkl_k = D_k / Z_t + P_k (c_s - c_t),   rkl_k = D_k / Z_s + Q_k (c_t - c_s);
   tvd / jsd / skl / srkl: pass 2 normalises the buffer to q, recomputes p (one exp) and log m
-    (one log), sums f and h = q s, and leaves s in the buffer (tvd: q);
+    (one log), sums f and h = q s, and leaves h' = h / H_SCALE in the buffer (tvd: q);
   SUM all-reduce of the per-row [loss, sum h] shards.
 A row with NaN / +inf input (row_ops) is left out of the MAX and its last SUM slot becomes NaN,
 so its loss and gradient are NaN on every rank.

@@ -42,6 +42,17 @@ def _loss_and_grad(student, teacher, cfg, vocab_size):
     return loss.detach(), leaf.grad
 
 
+def _two_backwards(student, teacher, cfg, vocab_size):
+    """The gradient from one backward and from a second one through the retained graph."""
+    leaf = student.clone().requires_grad_(True)
+    loss = distillation_loss(leaf, teacher, cfg, vocab_size=vocab_size)
+    weights = torch.linspace(0.5, 1.5, loss.numel())
+    (first,) = torch.autograd.grad(loss, leaf, weights, retain_graph=True)
+    first = first.clone()
+    (second,) = torch.autograd.grad(loss, leaf, weights)
+    return first, second
+
+
 def _count_kernel_calls(monkeypatch):
     calls = []
     for module, names in KERNELS.items():
@@ -78,6 +89,8 @@ def test_compiled_kernels_match_the_chunked_passes_on_invalid_and_masked_input(c
         assert calls == ["divergence_single_pass"], calls
     else:
         assert calls and calls[-1].endswith("gradient"), calls
+    first, second = _two_backwards(student, teacher, cfg, vocab_size=290)  # the store recomputed
+    torch.testing.assert_close(second, first, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(loss.isnan(), chunked_loss.isnan()) and torch.equal(grad.isnan(), chunked_grad.isnan())
     assert loss[[6, 7, 8]].isnan().all() and loss[5] == 0 and (grad[5] == 0).all() and (grad[:, 290:] == 0).all()
     torch.testing.assert_close(loss, chunked_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -168,7 +181,7 @@ print(json.dumps((status("VmHWM") - before) / (1024 * 16384 * 4)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, weights", [("csd", "TS"), ("jsd", "SS"), ("rkl", "SS")])
+@pytest.mark.parametrize("objective, weights", [("csd", "TS"), ("jsd", "SS"), ("rkl", "SS"), ("fkl", "SS")])
 def test_compiled_kernels_keep_one_logits_sized_buffer(objective, weights):
     """Peak RSS of forward + backward over the inputs: the gradient itself and nothing else of
     [rows, V] size (Inductor must not keep any intermediate; the chunked passes hold 1.0-1.07)."""
