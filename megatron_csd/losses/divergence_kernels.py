@@ -55,8 +55,8 @@ def _mixture_terms(q, p, valid, log_ratios, mixture, frame, objective, share):
 
     q, p the probabilities; log_ratios = (log q - log m, log p - log m + C) with C a per-row
     constant (0 in pass 2; in the single pass the caller removes the teacher term's share of
-    C * sum p from sum f); m = mixture / frame (frame: 1 in pass 2, Z_s in the single pass). m = share * first + (1 - share) * second (jsd,
-    skl: first p; srkl: first q); h' = h / H_SCALE:
+    C * sum p from sum f); m = mixture / frame (_floored_mixture; frame: 1 in pass 2, Z_s in the
+    single pass); h' = h / H_SCALE:
       tvd  f = |q - p| / 2,                    h' = q sign(q - p) / 2
       jsd  f = b p (log p - log m) + (1 - b) h',  h' = q (log q - log m)
       skl  f = p (log p - log m),              h' = p q / m
@@ -73,11 +73,14 @@ def _mixture_terms(q, p, valid, log_ratios, mixture, frame, objective, share):
     return student_term, torch.where(valid, q * (gap_q + 1 - share * q * frame / mixture), 0.0)  # srkl
 
 
-def _tiny_floor(mixture, frame=1.0):
-    """m = mixture / frame floored at tiny, as mixture floored at tiny * frame (log m =
-    log(max(m, tiny)) on both paths): m underflows where q and p both do."""
-    tiny = torch.finfo(torch.float32).tiny
-    return torch.clamp_min(mixture, tiny) if isinstance(frame, float) else torch.maximum(mixture, tiny * frame)
+def _floored_mixture(student_part, teacher_part, objective, share, frame=1.0):
+    """(frame m, log(frame m)) with m = share * first + (1 - share) * second (jsd, skl: first p;
+    srkl: first q), the parts being frame q and frame p; m is floored at tiny on every path
+    (log m = log(max(m, tiny))): it underflows where q and p both do."""
+    first, second = (student_part, teacher_part) if objective == "srkl" else (teacher_part, student_part)
+    mixture, tiny = share * first + (1 - share) * second, torch.finfo(torch.float32).tiny
+    mixture = torch.clamp_min(mixture, tiny) if isinstance(frame, float) else torch.maximum(mixture, tiny * frame)
+    return mixture, torch.log(mixture)
 
 
 @fused_kernel
@@ -92,9 +95,7 @@ def divergence_second_pass(student, teacher, store, shifts, offsets, temperature
     p = torch.where(valid, torch.exp(log_p), 0.0)
     mixture = log_ratios = None
     if objective != "tvd":
-        first, second = (q, p) if objective == "srkl" else (p, q)
-        mixture = _tiny_floor(share * first + (1 - share) * second)
-        log_m = torch.log(mixture)
+        mixture, log_m = _floored_mixture(q, p, objective, share)
         log_ratios = (log_q - log_m, log_p - log_m)
     loss, h_prime = _mixture_terms(q, p, valid, log_ratios, mixture, 1.0, objective, share)
     store.copy_(h_prime)
@@ -124,10 +125,7 @@ def divergence_single_pass(student, teacher, store, temperature, objective, shar
         return maxima, (total_s.squeeze(-1), total_t.squeeze(-1), moment, None)
     scaled_mixture = log_ratios = None
     if objective != "tvd":
-        teacher_part = e_t * (total_s / safe_t)  # Z_s p
-        first, second = (e_s, teacher_part) if objective == "srkl" else (teacher_part, e_s)
-        scaled_mixture = _tiny_floor(share * first + (1 - share) * second, safe_s)
-        log_scaled = torch.log(scaled_mixture)
+        scaled_mixture, log_scaled = _floored_mixture(e_s, e_t * (total_s / safe_t), objective, share, safe_s)
         log_ratios = (a_s - log_scaled, a_t - log_scaled)
     loss, h_prime = _mixture_terms(q, p, valid, log_ratios, scaled_mixture, safe_s, objective, share)
     h_total = h_prime.sum(-1, keepdim=True)

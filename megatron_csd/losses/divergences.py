@@ -140,7 +140,7 @@ class _DivergenceFunction(torch.autograd.Function):
             log_gap = offsets[:, 0] - offsets[:, 1] if weight else offsets[:, 1] - offsets[:, 0]
             sums[:, 0] = torch.where(present, scales[:, weight] * stats[:, 2] + mass * log_gap, 0.0)
         elif single:  # the kernel's sum f lacks -C sum p (C = c_t - c_s, sum p = 1)
-            sums[:, 0] = single_sums[0] - _TEACHER_SHARE[spec.objective](spec) * (offsets[:, 1] - offsets[:, 0])
+            sums[:, 0] = single_sums[0] - _teacher_share(spec) * (offsets[:, 1] - offsets[:, 0])
             sums[:, 1] = single_sums[1]
             sums.masked_fill_(~present.unsqueeze(-1), 0.0)
         elif compiled:  # pass 2 writes the store: h'
@@ -270,9 +270,9 @@ def one_kernel(spec, shard):
     return not shard.distributed and spec.objective != "rkl"
 
 
-_TEACHER_SHARE = {"tvd": lambda spec: 0.0, "jsd": lambda spec: spec.beta, "skl": lambda spec: 1.0,
-                  "srkl": lambda spec: 0.0}
-"""Weight of sum p (log p - log m) in each mixture objective's loss."""
+def _teacher_share(spec):
+    """Weight of sum p (log p - log m) in a mixture objective's loss (tvd, srkl: none)."""
+    return {"jsd": spec.beta, "skl": 1.0}.get(spec.objective, 0.0)
 
 
 def _compiled_single_pass(zs, zt, padding, spec):
@@ -323,7 +323,8 @@ def _compiled_gradient(zs, zt, store, out, shifts, offsets, scales, h_total, los
     row_term = h_total
     if name == "rkl":
         row_term = (shifts[:, 1] - shifts[:, 0]) + tau * (offsets[:, 1] - offsets[:, 0] - loss)
-    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name, _h_scale(spec))
+    divergence_gradient(zs, zt, store, out, shifts, offsets, scales[:, 0], row_term, row_coeff, tau, name,
+                        _h_scale(spec))
 
 
 def divergence_loss(student, teacher, spec: DivergenceSpec, shard: VocabShard) -> torch.Tensor:
